@@ -1,0 +1,176 @@
+"""The model package: one file that fully describes a trained scene classifier.
+
+It is the contract between training and inference. Everything inference needs (classes and
+their colours, bands, normalisation, value scale, input size, ground footprint) is read from
+it, never passed around separately.
+
+Format: a ``safetensors`` file. The weights are plain tensors; everything else is one JSON
+document stored in the safetensors header metadata under the key ``"casd"``. Loading parses
+JSON and raw tensor bytes only, so a file from a stranger cannot execute code (unlike pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from casd_core.errors import CasdError
+
+FORMAT_NAME = "casd-model-package"
+FORMAT_VERSION = 1
+METADATA_KEY = "casd"
+
+# Colours that read naturally on a map for the AID classes; other classes get a palette colour.
+_AID_COLORS = {
+    "Airport": "#8c8c8c", "BareLand": "#d8c8a0", "BaseballField": "#c7e9a0",
+    "Beach": "#f5e6a8", "Bridge": "#a05a2c", "Center": "#e31a1c",
+    "Church": "#b15928", "Commercial": "#fb6a4a", "DenseResidential": "#a50f15",
+    "Desert": "#f2d08a", "Farmland": "#e6d36b", "Forest": "#1b7837",
+    "Industrial": "#6a3d9a", "Meadow": "#a6d96a", "MediumResidential": "#ef6548",
+    "Mountain": "#7f6a4d", "Park": "#5aae61", "Parking": "#bdbdbd",
+    "Playground": "#fdae61", "Pond": "#6baed6", "Port": "#2c7fb8",
+    "RailwayStation": "#525252", "Resort": "#f781bf", "River": "#2171b5",
+    "School": "#fec44f", "SparseResidential": "#fcbba1", "Square": "#d9d9d9",
+    "Stadium": "#cab2d6", "StorageTanks": "#737373", "Viaduct": "#8c510a",
+}
+_PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+    "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]
+
+
+def default_class_colors(class_names: list[str]) -> list[str]:
+    """A map-friendly colour per class: fixed ones for AID classes, a palette otherwise."""
+    return [_AID_COLORS.get(name, _PALETTE[i % len(_PALETTE)]) for i, name in enumerate(class_names)]
+
+
+@dataclass
+class ModelPackage:
+    """A trained classifier and everything needed to apply it to new imagery.
+
+    ``value_scale`` maps raw pixel values to [0, 1] (255 for uint8, e.g. 10000 or 65535 for
+    uint16); ``mean``/``std`` are then applied per band. ``gsd_m`` is the nominal ground
+    sample distance the model was trained at and ``tile_footprint_m`` the recommended ground
+    size of one tile; both are ``None`` when unknown.
+    """
+
+    backbone: str
+    class_names: list[str]
+    class_colors: list[str]
+    bands: list[str]
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    value_scale: float = 255.0
+    gsd_m: float | None = None
+    tile_footprint_m: float | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.bands)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the weights, as the JSON document stored in the file."""
+        meta = asdict(self)
+        meta.pop("state_dict")
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
+
+    def build_model(self) -> torch.nn.Module:
+        """The architecture with this package's weights loaded, in eval mode."""
+        from casd_core.models import build_model
+
+        model = build_model(self.backbone, self.num_classes, in_channels=self.in_channels,
+                            pretrained=None)
+        try:
+            model.load_state_dict({k: v.float() for k, v in self.state_dict.items()})
+        except RuntimeError as exc:
+            raise CasdError(
+                f"the weights in this package do not fit a {self.backbone!r} with "
+                f"{self.num_classes} classes and {self.in_channels} bands ({exc}); "
+                "re-export the model with `casd train`"
+            ) from None
+        return model.eval()
+
+    def save(self, path: str | os.PathLike, half: bool = False) -> Path:
+        """Write the package atomically (temp file + rename); ``half`` stores fp16 weights."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, tensor in self.state_dict.items():
+            tensor = tensor.detach().cpu().contiguous()
+            if half and tensor.is_floating_point():
+                tensor = tensor.half()
+            tensors[name] = tensor
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(self.metadata())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelPackage":
+        """Read a package; anything that is not one is refused with a clear message."""
+        path = Path(path)
+        if not path.is_file():
+            raise CasdError(f"model file {path} does not exist; pass the .safetensors file "
+                            "written by `casd train`")
+        not_a_package = (f"{path} is not a CASD model package (expected the .safetensors "
+                         "file written by `casd train`)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                state_dict = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CasdError(f"{not_a_package}: {exc}") from None
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except (KeyError, json.JSONDecodeError):
+            raise CasdError(f"{not_a_package}: its description is missing or unreadable") from None
+        return cls._from_metadata(meta, state_dict, not_a_package)
+
+    @classmethod
+    def _from_metadata(cls, meta: Any, state_dict: dict[str, torch.Tensor],
+                       not_a_package: str) -> "ModelPackage":
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise CasdError(not_a_package)
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CasdError(f"this model package was written by a newer casd_core "
+                            f"(format {meta['format_version']}); upgrade casd_core")
+        fields = {k: v for k, v in meta.items() if k not in ("format", "format_version")}
+        try:
+            package = cls(**fields, state_dict=state_dict)
+        except TypeError as exc:
+            raise CasdError(f"{not_a_package}: {exc}") from None
+        if not (len(package.class_names) == len(package.class_colors) > 0
+                and len(package.bands) == len(package.mean) == len(package.std) > 0
+                and package.input_size > 0 and package.value_scale > 0):
+            raise CasdError(f"{not_a_package}: its class or band description is inconsistent")
+        return package
+
+
+def default_model_path() -> Path:
+    """The embedded default model shipped in ``resources/`` (override: ``CASD_DEFAULT_MODEL``)."""
+    override = os.environ.get("CASD_DEFAULT_MODEL")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "resources" / "models" / "casd_aid_default.safetensors"
