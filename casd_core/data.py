@@ -1,0 +1,184 @@
+"""Scene datasets: class-folder trees and split CSVs, image decoding, augmentation.
+
+Images may be JPEG/PNG (read with Pillow) or (multi-band) GeoTIFF chips (read with
+rasterio). Pixels become float tensors in [0, 1] by dividing by an explicit value scale:
+255 for uint8; for uint16 imagery the scale must be given (10000 for reflectance products,
+65535 for full-range data), because guessing it silently changes what the model sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from PIL import Image
+from torchvision.transforms import v2
+
+from casd_core.errors import CasdError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: its path and the index of its class."""
+
+    path: Path
+    label: int
+
+
+def default_data_root() -> Path:
+    """``$CASD_DATA`` or ``../shared/data`` beside the repository: the one configurable path."""
+    return Path(os.environ.get("CASD_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def scan_class_folders(root: Path) -> tuple[list[Sample], list[str]]:
+    """All images under ``root/<class>/``, classes sorted by name (ImageFolder layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CasdError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    samples = [
+        Sample(path, label)
+        for label, name in enumerate(class_names)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise CasdError(f"no images (.jpg/.png/.tif) found in class sub-folders of {root}")
+    return samples, class_names
+
+
+def read_split(split_csv: Path, data_root: Path) -> tuple[dict[str, list[Sample]], list[str]]:
+    """Samples per split from a ``path,label,split`` CSV (``path`` relative to ``data_root``).
+
+    Class indices follow the sorted class names of the whole file, so every split and every
+    model trained on the file agree on them.
+    """
+    split_csv, data_root = Path(split_csv), Path(data_root)
+    if not split_csv.is_file():
+        raise CasdError(f"split file {split_csv} does not exist; pass a CSV with columns path,label,split")
+    with split_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label", "split"} <= set(rows[0]):
+        raise CasdError(f"{split_csv} must be a CSV with the columns path,label,split")
+    class_names = sorted({row["label"] for row in rows})
+    index = {name: i for i, name in enumerate(class_names)}
+    splits: dict[str, list[Sample]] = defaultdict(list)
+    for row in rows:
+        splits[row["split"]].append(Sample(data_root / row["path"], index[row["label"]]))
+    missing = [s.path for s in splits.get("train", [])[:1] + splits.get("test", [])[:1] if not s.path.is_file()]
+    if missing:
+        raise CasdError(f"{missing[0]} listed in {split_csv} does not exist; is --data the folder the CSV paths are relative to?")
+    return dict(splits), class_names
+
+
+def stratified_validation_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, validation) with ``fraction`` of every class held out, seeded.
+
+    Every class keeps at least one training image and, when it has two or more, gives at
+    least one to validation, so per-class validation accuracy is always defined.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = rng.permutation(by_class[label]).tolist()
+        n_val = 0 if len(members) < 2 or fraction <= 0 else min(len(members) - 1, max(1, round(fraction * len(members))))
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def subset_per_class(samples: Sequence[Sample], per_class: int, seed: int) -> list[Sample]:
+    """A seeded, stratified subset with at most ``per_class`` images of each class."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        by_class[sample.label].append(i)
+    keep = sorted(i for members in by_class.values() for i in rng.permutation(members)[:per_class].tolist())
+    return [samples[i] for i in keep]
+
+
+def read_image(path: Path, bands: Sequence[int] | None = None, value_scale: float | None = None) -> torch.Tensor:
+    """An image as a float ``(C, H, W)`` tensor in [0, 1] (``bands`` are 1-based, TIFF only)."""
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            array = src.read(list(bands) if bands else None)
+        pixels = torch.from_numpy(array)
+    else:
+        with Image.open(path) as image:
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return to_unit_range(pixels, value_scale, path)
+
+
+def to_unit_range(pixels: torch.Tensor | np.ndarray, value_scale: float | None, source: object = "image") -> torch.Tensor:
+    """Divide raw pixel values by the value scale (255 for uint8; must be explicit otherwise)."""
+    pixels = torch.as_tensor(pixels)
+    if value_scale is None:
+        if pixels.dtype != torch.uint8:
+            raise CasdError(f"{source} holds {pixels.dtype} pixels; give the value scale explicitly "
+                            "(e.g. --value-scale 10000 for reflectance, 65535 for full-range uint16)")
+        value_scale = 255.0
+    return pixels.float().div_(value_scale)
+
+
+class RandomRightAngleRotation(torch.nn.Module):
+    """Rotate by a random multiple of 90°: overhead scenes have no canonical 'up'."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        turns = int(torch.randint(4, ()).item())
+        return torch.rot90(image, turns, dims=(-2, -1)) if turns else image
+
+
+def build_transforms(input_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> Callable:
+    """Augmentation for overhead imagery (flips, 90° turns, resized crops) or eval resizing."""
+    if train:
+        steps = [
+            v2.RandomResizedCrop(input_size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomRightAngleRotation(),
+        ]
+    else:
+        steps = [v2.Resize((input_size, input_size), antialias=True)]
+    return v2.Compose([*steps, v2.Normalize(list(mean), list(std))])
+
+
+class SceneDataset(Dataset):
+    """Labelled scene images; ``dataset[i]`` is ``(image, label)`` with ``transform`` applied."""
+
+    def __init__(self, samples: Sequence[Sample], class_names: Sequence[str],
+                 transform: Callable | None = None, bands: Sequence[int] | None = None,
+                 value_scale: float | None = None) -> None:
+        self.samples = list(samples)
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.bands = bands
+        self.value_scale = value_scale
+
+    @property
+    def labels(self) -> list[int]:
+        return [sample.label for sample in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        image = read_image(sample.path, self.bands, self.value_scale)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, sample.label

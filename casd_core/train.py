@@ -1,0 +1,370 @@
+"""One training loop for plain CE, CS-KD and CASD, with resume and best-on-validation.
+
+Every epoch ends with an atomic checkpoint (model, loss incl. α, optimiser, schedule, sampler,
+RNG states), so a run that is killed, even with ``kill -9`` mid-epoch, continues from the last
+finished epoch when the same command is run again. The validation split is carved from the
+``train`` rows; the ``test`` rows are evaluated once, with the best-on-validation weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from casd_core.data import (SceneDataset, build_transforms, read_split, scan_class_folders,
+                            stratified_validation_split, subset_per_class)
+from casd_core.errors import CasdError
+from casd_core.evaluate import evaluate_model, write_report
+from casd_core.losses import LossConfig, build_loss
+from casd_core.models import build_model, default_normalization
+from casd_core.package import ModelPackage, default_class_colors
+from casd_core.progress import Monitor
+from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
+                                class_similarity_from_confusion)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_LOG_NAME = "metrics.jsonl"
+NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored in the checkpoint and the package."""
+
+    data_root: Path
+    split_csv: Path | None
+    out_dir: Path
+    method: str = "casd"
+    backbone: str = "efficientnet_lite0"
+    pretrained: str | None = "imagenet"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    input_size: int = 150
+    val_fraction: float = 0.1
+    seed: int = 0
+    negatives: str = "centroid"
+    loss: LossConfig = field(default_factory=LossConfig)
+    subset_per_class: int | None = None
+    package_name: str = "model.safetensors"
+    device: str = "auto"
+    workers: int | None = None
+    gsd_m: float | None = None
+    tile_footprint_m: float | None = None
+
+    def __post_init__(self) -> None:
+        self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
+        self.split_csv = Path(self.split_csv) if self.split_csv else None
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        self.loss.method = self.method
+        if self.negatives not in NEGATIVE_STRATEGIES:
+            raise CasdError(f"unknown negative strategy {self.negatives!r}; use one of {', '.join(NEGATIVE_STRATEGIES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise CasdError("--epochs and --batch-size must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise CasdError("--val-fraction must be in [0, 1)")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to be resumed (device and workers may change)."""
+        settings = {k: v for k, v in self.to_json().items() if k not in ("device", "workers", "out_dir")}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    package_path: Path
+    metrics: dict[str, Any]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; an explicit device that is absent is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CasdError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Data:
+    """The run's datasets: train (carved), validation (carved from train), optional test."""
+
+    def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float]) -> None:
+        if cfg.split_csv is not None:
+            splits, self.class_names = read_split(cfg.split_csv, cfg.data_root)
+            if "train" not in splits:
+                raise CasdError(f"{cfg.split_csv} has no 'train' rows")
+            train_pool, test = splits["train"], splits.get("test", [])
+        else:
+            train_pool, self.class_names = scan_class_folders(cfg.data_root)
+            test = []
+        if cfg.subset_per_class:
+            train_pool = subset_per_class(train_pool, cfg.subset_per_class, cfg.seed)
+            test = subset_per_class(test, cfg.subset_per_class, cfg.seed)
+        train_idx, val_idx = stratified_validation_split([s.label for s in train_pool], cfg.val_fraction, cfg.seed)
+        train_tf = build_transforms(cfg.input_size, mean, std, train=True)
+        eval_tf = build_transforms(cfg.input_size, mean, std, train=False)
+        self.train = SceneDataset([train_pool[i] for i in train_idx], self.class_names, train_tf)
+        self.val = SceneDataset([train_pool[i] for i in val_idx], self.class_names, eval_tf)
+        self.test = SceneDataset(test, self.class_names, eval_tf)
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig` to a model package, resuming from its checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, monitor: Monitor | None = None) -> None:
+        self.cfg = cfg
+        self.monitor = monitor or Monitor()
+        self.device = resolve_device(cfg.device)
+        self.mean, self.std = default_normalization(cfg.backbone, 3)
+        self.data = _Data(cfg, self.mean, self.std)
+        num_classes = len(self.data.class_names)
+        _seed_everything(cfg.seed)
+        self.model = build_model(cfg.backbone, num_classes, in_channels=3, pretrained=cfg.pretrained).to(self.device)
+        self.loss = build_loss(cfg.loss, num_classes).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [{"params": self.model.parameters()},
+                  {"params": [p for p in self.loss.parameters() if p.requires_grad], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sampler = TripletSampler(self.data.train.labels, num_classes,
+                                      strategy=cfg.negatives if self.loss.needs_negative else "random",
+                                      seed=cfg.seed)
+        triplets = TripletDataset(self.data.train, with_positive=self.loss.needs_positive,
+                                  with_negative=self.loss.needs_negative)
+        workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if self.cuda else 1)
+        self.train_loader = DataLoader(triplets, batch_size=cfg.batch_size, sampler=self.sampler,
+                                       num_workers=workers, pin_memory=self.cuda, drop_last=len(triplets) > cfg.batch_size)
+        self.steps_per_epoch = len(self.train_loader)
+        total = self.steps_per_epoch * cfg.epochs
+        warmup = max(1, int(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _warmup_cosine(step, warmup, total))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.start_epoch = 0
+        self.best_val = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = cfg.out_dir / CHECKPOINT_NAME
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        return {
+            "fingerprint": self.cfg.fingerprint(),
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "best_val": self.best_val,
+            "best_state": self.best_state,
+            "history_json": json.dumps(self.history),
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in ``out_dir`` when there is one for this config."""
+        if not self.checkpoint_path.is_file():
+            return
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # a foreign or damaged file: never unpickle it unrestricted
+            raise CasdError(f"cannot read {self.checkpoint_path} ({exc}); delete it to start over") from None
+        if state["fingerprint"] != self.cfg.fingerprint():
+            raise CasdError(f"{self.cfg.out_dir} holds a run with different settings; "
+                            "use another --out folder, or delete its checkpoint.pt to start over")
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.best_val, self.best_state = state["best_val"], state["best_state"]
+        self.history = json.loads(state["history_json"])
+        torch.set_rng_state(state["rng_torch"].cpu())
+        self.start_epoch = state["epoch"] + 1
+        tqdm.write(f"{self.cfg.out_dir}: resuming after epoch {self.start_epoch}/{self.cfg.epochs}")
+
+    # -- one epoch ----------------------------------------------------------------------------
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+            return self.model(images, return_features=True)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        num_classes = len(self.data.class_names)
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        feature_sums: torch.Tensor | None = None
+        class_counts = torch.zeros(num_classes, dtype=torch.float64)
+        sums: dict[str, float] = {}
+        seen = images_seen = 0
+        started = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=None, unit="batch")
+        for step, batch in enumerate(bar):
+            self.monitor.check_cancelled()
+            branches = [k for k in ("anchor", "positive", "negative") if k in batch]
+            images = torch.cat([batch[k] for k in branches])
+            labels = [batch[f"{k}_label"].to(self.device) for k in branches]
+            logits, features = self._forward(images)
+            chunks = logits.float().chunk(len(branches))
+            partners: dict[str, torch.Tensor] = {}
+            if "positive" in batch:
+                partners.update(z2=chunks[1], y2=labels[1])
+            if "negative" in batch:
+                partners.update(z3=chunks[2], y3=labels[2])
+            out = self.loss(chunks[0], labels[0], **partners)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+
+            anchors = labels[0].cpu()
+            np.add.at(confusion, (anchors.numpy(), chunks[0].argmax(1).cpu().numpy()), 1)
+            anchor_features = features[: len(anchors)].detach().float().cpu()
+            if feature_sums is None:
+                feature_sums = torch.zeros(num_classes, anchor_features.shape[1], dtype=torch.float64)
+            feature_sums.index_add_(0, anchors, anchor_features.double())
+            class_counts += torch.bincount(anchors, minlength=num_classes)
+            for name, value in out.terms.items():
+                sums[name] = sums.get(name, 0.0) + value * len(anchors)
+            seen += len(anchors)
+            images_seen += len(images)
+            bar.set_postfix(loss=f"{out.terms.get('total', out.total.item()):.3f}")
+            self.monitor.progress((epoch + (step + 1) / self.steps_per_epoch) / self.cfg.epochs,
+                                  f"epoch {epoch + 1}/{self.cfg.epochs}")
+        bar.close()
+
+        # Hard negatives for the next epoch come from what the model confuses now.
+        if self.cfg.negatives == "confusion":
+            self.sampler.set_class_similarity(class_similarity_from_confusion(confusion))
+        elif self.cfg.negatives == "centroid" and feature_sums is not None:
+            centroids = (feature_sums / class_counts.clamp(min=1).unsqueeze(1)).float()
+            self.sampler.set_class_similarity(
+                class_similarity_from_centroids(centroids, torch.arange(num_classes), num_classes))
+        elapsed = time.perf_counter() - started
+        metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
+        metrics["train_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
+        metrics["images_per_s"] = images_seen / elapsed
+        metrics["epoch_seconds"] = elapsed
+        return metrics
+
+    # -- the whole run ------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        self.resume()
+        package_path = self.cfg.out_dir / self.cfg.package_name
+        if self.start_epoch >= self.cfg.epochs and package_path.is_file():
+            tqdm.write(f"{package_path} is already trained; nothing to do")
+            return TrainResult(package_path, ModelPackage.load(package_path).metrics)
+        log_path = self.cfg.out_dir / METRICS_LOG_NAME
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            metrics = self.train_epoch(epoch)
+            val = evaluate_model(self.model, self.data.val, self.device, batch_size=self.cfg.batch_size * 2)
+            metrics.update(epoch=epoch + 1, lr=self.scheduler.get_last_lr()[0],
+                           val_accuracy=val["overall_accuracy"], val_kappa=val["kappa"])
+            if val["overall_accuracy"] > self.best_val:
+                self.best_val = val["overall_accuracy"]
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            metrics["best_val_accuracy"] = self.best_val
+            self.history.append(metrics)
+            _atomic_torch_save(self._checkpoint(epoch), self.checkpoint_path)
+            _atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history), log_path)
+            tqdm.write(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {metrics.get('train_total', float('nan')):.4f}"
+                       f"  val OA {val['overall_accuracy']:.4f}  ({metrics['images_per_s']:.1f} img/s)")
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        """Best-on-validation weights → test evaluation (once) → package + report files."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.model.float().to(memory_format=torch.contiguous_format)
+        best_epoch = max(self.history, key=lambda m: m["val_accuracy"])["epoch"] if self.history else None
+        metrics: dict[str, Any] = {"validation": {"overall_accuracy": self.best_val, "best_epoch": best_epoch,
+                                                  "num_samples": len(self.data.val)}}
+        if len(self.data.test):
+            self.monitor.progress(1.0, "evaluating on the test split")
+            report = evaluate_model(self.model, self.data.test, self.device, batch_size=self.cfg.batch_size * 2,
+                                    with_confusion=True)
+            write_report(report, self.data.class_names, self.cfg.out_dir)
+            metrics["test"] = {k: report[k] for k in ("overall_accuracy", "kappa", "macro_f1", "num_samples")}
+        package = ModelPackage(
+            backbone=self.cfg.backbone,
+            class_names=self.data.class_names,
+            class_colors=default_class_colors(self.data.class_names),
+            bands=["red", "green", "blue"],
+            input_size=self.cfg.input_size,
+            mean=self.mean, std=self.std, value_scale=255.0,
+            gsd_m=self.cfg.gsd_m, tile_footprint_m=self.cfg.tile_footprint_m,
+            training={**self.cfg.to_json(), "history": self.history},
+            metrics=metrics,
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        )
+        path = package.save(self.cfg.out_dir / self.cfg.package_name)
+        return TrainResult(path, metrics)
+
+
+def train(cfg: TrainConfig, monitor: Monitor | None = None) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``; returns the model package written."""
+    return Trainer(cfg, monitor).fit()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install everything this project needs, then run the main job on the embedded default.
+#
+#   1. Debian packages: QGIS 3.22 with its Python bindings, python3-venv, xvfb (skipped when present)
+#   2. .venv on Debian's /usr/bin/python3 with --system-site-packages (so it sees qgis.*),
+#      with the pinned packages of requirements.txt and casd_core installed editable
+#      (skipped when requirements.txt and pyproject.toml are unchanged since the last install)
+#   3. the main job: the bundled model classifies a real GeoTIFF into runs/demo/
+#
+# Idempotent: a second run takes seconds. Data path: $CASD_DATA (default ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qgis python3-qgis qgis-providers python3-venv xvfb imagemagick)
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+stamp=".venv/.installed-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing Python packages into .venv (first run: a few minutes)"
+    [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
+    pip_install() {
+        .venv/bin/pip install -q --disable-pip-version-check "$@" > .venv/pip.log 2>&1 \
+            || { cat .venv/pip.log; echo "setup: pip install $* failed (log above)"; exit 1; }
+    }
+    pip_install -r requirements.txt
+    pip_install --no-deps -e .
+    .venv/bin/python -c "import torch, torchvision, rasterio, shapely, pyogrio, safetensors, qgis.core, casd_core"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+
+data="${CASD_DATA:-../shared/data}"
+echo "setup: main job: casd predict $data/rasters/test_tiled.tif -o runs/demo/test_tiled.gpkg"
+.venv/bin/casd predict "$data/rasters/test_tiled.tif" -o runs/demo/test_tiled.gpkg

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real data beside the repository (never copied into it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("CASD_DATA", REPO.parent / "shared" / "data"))
+
+# The suite must fit 2 CPU cores; more threads than cores only thrash.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or ``$CASD_DATA``); its absence is a failure, not a skip."""
+    if not (SHARED_DATA / "aid150" / "split_20.csv").is_file():
+        pytest.fail(f"real test data not found at {SHARED_DATA}; set CASD_DATA to the shared data folder")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def aid_root(shared_data: Path) -> Path:
+    return shared_data / "aid150"
+
+
+@pytest.fixture(scope="session")
+def rasters(shared_data: Path) -> Path:
+    return shared_data / "rasters"

@@ -1,0 +1,127 @@
+"""Real training on a small stratified AID subset: learning, reproducible evaluation, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from casd_core.cli import main
+from casd_core.package import ModelPackage
+
+
+def _small_split(aid_root: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A split CSV over the real images: the first N train and M test rows of each class."""
+    with (aid_root / "split_20.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    taken: dict[tuple[str, str], int] = {}
+    keep = []
+    for row in rows:
+        key = (row["label"], row["split"])
+        limit = train_per_class if row["split"] == "train" else test_per_class
+        if taken.get(key, 0) < limit:
+            taken[key] = taken.get(key, 0) + 1
+            keep.append(row)
+    path = out / "small_split.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(keep)
+    return path
+
+
+@pytest.fixture(scope="module")
+def casd_run(aid_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`casd train --method casd` for two short epochs on 10 train images per class."""
+    work = tmp_path_factory.mktemp("casd_run")
+    split = _small_split(aid_root, work, train_per_class=10, test_per_class=5)
+    out = work / "run"
+    code = main(["train", "--data", str(aid_root), "--split", str(split), "--method", "casd",
+                 "--backbone", "efficientnet_lite0", "--epochs", "2", "--batch-size", "16",
+                 "--val-fraction", "0.2", "--out", str(out)])
+    assert code == 0
+    return out, split
+
+
+def test_short_casd_run_beats_chance_by_a_wide_margin(casd_run: tuple[Path, Path]) -> None:
+    out, _ = casd_run
+    package = ModelPackage.load(out / "model.safetensors")
+    chance = 1 / 30
+    assert package.metrics["test"]["num_samples"] == 150
+    assert package.metrics["test"]["overall_accuracy"] > 8 * chance
+    assert package.num_classes == 30 and package.training["method"] == "casd"
+
+
+def test_run_writes_log_with_alpha_and_loss_terms_and_confusion_plot(casd_run: tuple[Path, Path]) -> None:
+    out, _ = casd_run
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2]
+    for key in ("train_ce", "train_pull", "train_margin", "train_alpha", "val_accuracy", "lr", "images_per_s"):
+        assert key in log[0], key
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "confusion_matrix.csv").read_text().splitlines()) == 31
+
+
+def test_evaluate_reproduces_the_recorded_test_accuracy(casd_run: tuple[Path, Path], aid_root: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    out, split = casd_run
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.safetensors"), "--data", str(aid_root), "--split", str(split),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    recorded = ModelPackage.load(out / "model.safetensors").metrics["test"]
+    assert report["overall_accuracy"] == recorded["overall_accuracy"]
+    assert report["kappa"] == recorded["kappa"]
+    assert set(report["per_class"]) == set(ModelPackage.load(out / "model.safetensors").class_names)
+
+
+def test_rerunning_a_finished_run_does_nothing(casd_run: tuple[Path, Path], aid_root: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    out, split = casd_run
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--data", str(aid_root), "--split", str(split), "--method", "casd", "--epochs", "2",
+                 "--batch-size", "16", "--val-fraction", "0.2", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_different_config_in_the_same_folder_is_refused(casd_run: tuple[Path, Path], aid_root: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    out, split = casd_run
+    assert main(["train", "--data", str(aid_root), "--split", str(split), "--method", "ce", "--epochs", "2",
+                 "--out", str(out)]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> None:
+    split = _small_split(aid_root, tmp_path, train_per_class=6, test_per_class=1)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "casd_core.cli", "train", "--data", str(aid_root), "--split", str(split),
+               "--method", "cskd", "--epochs", "3", "--batch-size", "8", "--out", str(out)]
+    log = out / "metrics.jsonl"
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 1):
+        assert victim.poll() is None, "training ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside epoch 2
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    first_epoch = log.read_text().splitlines()[0]
+    assert not (out / "model.safetensors").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert lines[0] == first_epoch
+    assert ModelPackage.load(out / "model.safetensors").metrics["validation"]["best_epoch"] in (1, 2, 3)
+    assert not list(out.glob(".*.tmp"))
