@@ -136,6 +136,37 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+BRANCHES = ("anchor", "positive", "negative")
+
+
+def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor],
+                  device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One optimisation step on a triplet batch; returns the loss output and the anchors'
+    logits and embeddings (detached), which feed the confusion/centroid negative mining.
+
+    The branches present in ``batch`` go through the network as one concatenated batch:
+    one forward pass is faster than three and the weights are shared anyway.
+    """
+    cuda = device.type == "cuda"
+    branches = [k for k in BRANCHES if k in batch]
+    images = torch.cat([batch[k] for k in branches]).to(device, non_blocking=True)
+    labels = [batch[f"{k}_label"].to(device, non_blocking=True) for k in branches]
+    if cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        logits, features = model(images, return_features=True)
+    chunks = logits.float().chunk(len(branches))
+    partners = dict(zip(("z2", "y2", "z3", "y3"),
+                        [t for pair in zip(chunks[1:], labels[1:]) for t in pair]))
+    out = loss_fn(chunks[0], labels[0], **partners)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out, chunks[0].detach(), features[: len(labels[0])].detach()
+
+
 class _Data:
     """The run's datasets: train (carved), validation (carved from train), optional test."""
 
@@ -242,13 +273,6 @@ class Trainer:
 
     # -- one epoch ----------------------------------------------------------------------------
 
-    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
-        if self.cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
-            return self.model(images, return_features=True)
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.sampler.set_epoch(epoch)
@@ -263,26 +287,13 @@ class Trainer:
                    disable=None, unit="batch")
         for step, batch in enumerate(bar):
             self.monitor.check_cancelled()
-            branches = [k for k in ("anchor", "positive", "negative") if k in batch]
-            images = torch.cat([batch[k] for k in branches])
-            labels = [batch[f"{k}_label"].to(self.device) for k in branches]
-            logits, features = self._forward(images)
-            chunks = logits.float().chunk(len(branches))
-            partners: dict[str, torch.Tensor] = {}
-            if "positive" in batch:
-                partners.update(z2=chunks[1], y2=labels[1])
-            if "negative" in batch:
-                partners.update(z3=chunks[2], y3=labels[2])
-            out = self.loss(chunks[0], labels[0], **partners)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            out, anchor_logits, anchor_features = training_step(
+                self.model, self.loss, self.optimizer, self.scaler, batch, self.device)
             self.scheduler.step()
 
-            anchors = labels[0].cpu()
-            np.add.at(confusion, (anchors.numpy(), chunks[0].argmax(1).cpu().numpy()), 1)
-            anchor_features = features[: len(anchors)].detach().float().cpu()
+            anchors = batch["anchor_label"]
+            np.add.at(confusion, (anchors.numpy(), anchor_logits.argmax(1).cpu().numpy()), 1)
+            anchor_features = anchor_features.float().cpu()
             if feature_sums is None:
                 feature_sums = torch.zeros(num_classes, anchor_features.shape[1], dtype=torch.float64)
             feature_sums.index_add_(0, anchors, anchor_features.double())
@@ -290,7 +301,7 @@ class Trainer:
             for name, value in out.terms.items():
                 sums[name] = sums.get(name, 0.0) + value * len(anchors)
             seen += len(anchors)
-            images_seen += len(images)
+            images_seen += sum(len(batch[k]) for k in BRANCHES if k in batch)
             bar.set_postfix(loss=f"{out.terms.get('total', out.total.item()):.3f}")
             self.monitor.progress((epoch + (step + 1) / self.steps_per_epoch) / self.cfg.epochs,
                                   f"epoch {epoch + 1}/{self.cfg.epochs}")

@@ -103,7 +103,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> 
     split = _small_split(aid_root, tmp_path, train_per_class=6, test_per_class=1)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "casd_core.cli", "train", "--data", str(aid_root), "--split", str(split),
-               "--method", "cskd", "--epochs", "3", "--batch-size", "8", "--out", str(out)]
+               "--method", "cskd", "--epochs", "2", "--batch-size", "8", "--out", str(out)]
     log = out / "metrics.jsonl"
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -121,7 +121,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
     lines = log.read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert lines[0] == first_epoch
-    assert ModelPackage.load(out / "model.safetensors").metrics["validation"]["best_epoch"] in (1, 2, 3)
+    assert ModelPackage.load(out / "model.safetensors").metrics["validation"]["best_epoch"] in (1, 2)
     assert not list(out.glob(".*.tmp"))

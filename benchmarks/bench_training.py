@@ -1,0 +1,87 @@
+"""Training throughput: a plain CE step vs a CS-KD and a CASD step (same backbone, batch, device).
+
+CASD forwards and back-propagates three images per anchor (anchor, positive, negative), CS-KD
+two; this measures what that costs per anchor and per image, on real AID images held in memory
+so that only the step itself is timed. CPU always; CUDA too when present.
+
+    .venv/bin/python benchmarks/bench_training.py [--backbone efficientnet_lite0] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from casd_core.data import build_transforms, default_data_root, read_image, read_split
+from casd_core.losses import LossConfig, build_loss
+from casd_core.models import build_model, default_normalization
+from casd_core.train import BRANCHES, training_step
+
+def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, torch.Tensor]:
+    """A triplet batch of real AID images (anchors, same-class positives, other-class negatives)."""
+    root = default_data_root() / "aid150"
+    splits, _ = read_split(root / "split_20.csv", root)
+    train = splits["train"]
+    mean, std = default_normalization(backbone, 3)
+    transform = build_transforms(input_size, mean, std, train=True)
+
+    anchors = train[:: max(1, len(train) // batch_size)][:batch_size]
+    by_class = {}
+    for sample in train:
+        by_class.setdefault(sample.label, []).append(sample)
+    positives = [next(s for s in by_class[a.label] if s.path != a.path) for a in anchors]
+    negatives = [by_class[(a.label + 1) % len(by_class)][0] for a in anchors]
+    batch = {}
+    for name, samples in zip(BRANCHES, (anchors, positives, negatives)):
+        batch[name] = torch.stack([transform(read_image(s.path)) for s in samples])
+        batch[f"{name}_label"] = torch.tensor([s.label for s in samples])
+    return batch
+
+def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str, device: torch.device,
+                      steps: int, warmup: int) -> tuple[float, float]:
+    loss = build_loss(LossConfig(method=method), 30).to(device)
+    model = build_model(backbone, 30, pretrained="imagenet").to(device).train()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    branches = {"ce": 1, "cskd": 2, "casd": 3}[method]
+    step_batch = {k: v for k, v in batch.items() if k.split("_")[0] in BRANCHES[:branches]}
+    for _ in range(warmup):
+        training_step(model, loss, optimizer, scaler, step_batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, loss, optimizer, scaler, step_batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    anchors = len(batch["anchor"]) * steps
+    return anchors / elapsed, anchors * branches / elapsed
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--input-size", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    batch = real_batch(args.batch_size, args.input_size, args.backbone)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"backbone {args.backbone}, batch {args.batch_size} anchors, {args.input_size} px, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, torch threads {torch.get_num_threads()}")
+    print(f"{'device':<8}{'method':<8}{'anchors/s':>11}{'images/s':>10}{'anchor cost vs CE':>19}")
+    for device in devices:
+        ce_rate = None
+        for method in ("ce", "cskd", "casd"):
+            anchors_s, images_s = images_per_second(method, batch, args.backbone, device, args.steps, args.warmup)
+            ce_rate = ce_rate or anchors_s
+            print(f"{device.type:<8}{method:<8}{anchors_s:>11.1f}{images_s:>10.1f}{ce_rate / anchors_s:>18.2f}x")
+
+if __name__ == "__main__":
+    main()

