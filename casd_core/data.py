@@ -124,6 +124,17 @@ def read_image(path: Path, bands: Sequence[int] | None = None, value_scale: floa
     return to_unit_range(pixels, value_scale, path)
 
 
+def band_names(path: Path, bands: Sequence[int] | None = None) -> list[str]:
+    """Names of the bands ``read_image`` returns: RGB for photos, GeoTIFF descriptions otherwise."""
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return ["red", "green", "blue"]
+    import rasterio
+
+    with rasterio.open(path) as src:
+        indexes = list(bands) if bands else list(src.indexes)
+        return [src.descriptions[i - 1] or f"band{i}" for i in indexes]
+
+
 def to_unit_range(pixels: torch.Tensor | np.ndarray, value_scale: float | None, source: object = "image") -> torch.Tensor:
     """Divide raw pixel values by the value scale (255 for uint8; must be explicit otherwise)."""
     pixels = torch.as_tensor(pixels)

@@ -99,13 +99,12 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     unknown = sorted(set(class_names) - set(package.class_names))
     if unknown:
         raise CasdError(f"the model does not know the classes {', '.join(unknown)} found in {split_csv}")
-    if package.in_channels != 3:
-        raise CasdError(f"this model expects {package.in_channels} bands; split CSVs of RGB images need a 3-band model")
     # The CSV's class indices follow its own sorted names; map them onto the package's order.
     to_package = {i: package.class_names.index(name) for i, name in enumerate(class_names)}
     samples = [type(s)(s.path, to_package[s.label]) for s in splits[split]]
     transform = build_transforms(package.input_size, package.mean, package.std, train=False)
-    dataset = SceneDataset(samples, package.class_names, transform, value_scale=package.value_scale)
+    bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
+    dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
     torch_device = resolve_device(device)
     model = package.build_model().to(torch_device)
     if torch_device.type == "cuda":

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from casd_core.data import (SceneDataset, build_transforms, read_split, scan_class_folders,
-                            stratified_validation_split, subset_per_class)
+from casd_core.data import (SceneDataset, band_names, build_transforms, read_image, read_split,
+                            scan_class_folders, stratified_validation_split, subset_per_class)
 from casd_core.errors import CasdError
 from casd_core.evaluate import evaluate_model, write_report
 from casd_core.losses import LossConfig, build_loss
@@ -65,6 +65,8 @@ class TrainConfig:
     package_name: str = "model.safetensors"
     device: str = "auto"
     workers: int | None = None
+    bands: tuple[int, ...] | None = None
+    value_scale: float | None = None
     gsd_m: float | None = None
     tile_footprint_m: float | None = None
 
@@ -170,7 +172,7 @@ def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: t
 class _Data:
     """The run's datasets: train (carved), validation (carved from train), optional test."""
 
-    def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float]) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         if cfg.split_csv is not None:
             splits, self.class_names = read_split(cfg.split_csv, cfg.data_root)
             if "train" not in splits:
@@ -182,12 +184,22 @@ class _Data:
         if cfg.subset_per_class:
             train_pool = subset_per_class(train_pool, cfg.subset_per_class, cfg.seed)
             test = subset_per_class(test, cfg.subset_per_class, cfg.seed)
+        # The first image tells how many bands the network takes (RGB photos, multi-band chips).
+        first = train_pool[0].path
+        self.bands = band_names(first, cfg.bands)
+        self.value_scale = cfg.value_scale or 255.0
+        read_image(first, cfg.bands, cfg.value_scale)  # fails early on uint16 without a scale
+        self.mean, self.std = default_normalization(cfg.backbone, len(self.bands))
         train_idx, val_idx = stratified_validation_split([s.label for s in train_pool], cfg.val_fraction, cfg.seed)
-        train_tf = build_transforms(cfg.input_size, mean, std, train=True)
-        eval_tf = build_transforms(cfg.input_size, mean, std, train=False)
-        self.train = SceneDataset([train_pool[i] for i in train_idx], self.class_names, train_tf)
-        self.val = SceneDataset([train_pool[i] for i in val_idx], self.class_names, eval_tf)
-        self.test = SceneDataset(test, self.class_names, eval_tf)
+        train_tf = build_transforms(cfg.input_size, self.mean, self.std, train=True)
+        eval_tf = build_transforms(cfg.input_size, self.mean, self.std, train=False)
+
+        def dataset(samples: list, transform: Any) -> SceneDataset:
+            return SceneDataset(samples, self.class_names, transform, cfg.bands, cfg.value_scale)
+
+        self.train = dataset([train_pool[i] for i in train_idx], train_tf)
+        self.val = dataset([train_pool[i] for i in val_idx], eval_tf)
+        self.test = dataset(test, eval_tf)
 
 
 class Trainer:
@@ -197,11 +209,11 @@ class Trainer:
         self.cfg = cfg
         self.monitor = monitor or Monitor()
         self.device = resolve_device(cfg.device)
-        self.mean, self.std = default_normalization(cfg.backbone, 3)
-        self.data = _Data(cfg, self.mean, self.std)
+        self.data = _Data(cfg)
         num_classes = len(self.data.class_names)
         _seed_everything(cfg.seed)
-        self.model = build_model(cfg.backbone, num_classes, in_channels=3, pretrained=cfg.pretrained).to(self.device)
+        self.model = build_model(cfg.backbone, num_classes, in_channels=len(self.data.bands),
+                                 pretrained=cfg.pretrained).to(self.device)
         self.loss = build_loss(cfg.loss, num_classes).to(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -364,9 +376,9 @@ class Trainer:
             backbone=self.cfg.backbone,
             class_names=self.data.class_names,
             class_colors=default_class_colors(self.data.class_names),
-            bands=["red", "green", "blue"],
+            bands=self.data.bands,
             input_size=self.cfg.input_size,
-            mean=self.mean, std=self.std, value_scale=255.0,
+            mean=self.data.mean, std=self.data.std, value_scale=self.data.value_scale,
             gsd_m=self.cfg.gsd_m, tile_footprint_m=self.cfg.tile_footprint_m,
             training={**self.cfg.to_json(), "history": self.history},
             metrics=metrics,

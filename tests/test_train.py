@@ -125,3 +125,39 @@ def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> 
     assert lines[0] == first_epoch
     assert ModelPackage.load(out / "model.safetensors").metrics["validation"]["best_epoch"] in (1, 2)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_four_band_geotiff_chips_train_and_evaluate(rasters: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """RGB+NIR chips cut from the real NAIP tile train a 4-band model end to end."""
+    import rasterio
+    from rasterio.windows import Window
+
+    data = tmp_path / "chips"
+    rows = []
+    with rasterio.open(rasters / "m_4709963_se_14_1_20200831.tif") as src:
+        profile = {**src.profile, "width": 48, "height": 48, "tiled": False, "compress": None}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        for label, row_offset in (("north", 100), ("south", 550)):
+            (data / label).mkdir(parents=True)
+            for i in range(5):
+                window = Window(100 + 120 * i, row_offset, 48, 48)
+                path = data / label / f"chip_{i}.tif"
+                with rasterio.open(path, "w", **{**profile, "transform": src.window_transform(window)}) as dst:
+                    dst.write(src.read(window=window))
+                rows.append({"path": f"{label}/chip_{i}.tif", "label": label, "split": "test" if i == 4 else "train"})
+    split = data / "split.csv"
+    with split.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--split", str(split), "--method", "casd", "--epochs", "1",
+                 "--batch-size", "4", "--input-size", "48", "--val-fraction", "0.25", "--out", str(out)]) == 0
+    package = ModelPackage.load(out / "model.safetensors")
+    assert package.in_channels == 4 and len(package.mean) == 4 and package.value_scale == 255.0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.safetensors"), "--data", str(data), "--split", str(split), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 2
+    assert report["overall_accuracy"] == package.metrics["test"]["overall_accuracy"]
