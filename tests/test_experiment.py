@@ -1,0 +1,41 @@
+"""Study rows: config inheritance, every shipped row is a valid config, run + summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from casd_core.cli import main
+from casd_core.experiment import load_row, train_config
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.rglob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_row_is_a_valid_training_config(path: Path, shared_data: Path, tmp_path: Path) -> None:
+    row = load_row(path)
+    cfg = train_config(row, row.seeds[0], tmp_path, shared_data)
+    assert cfg.split_csv is not None and cfg.split_csv.is_file()
+    assert len(row.seeds) >= 3
+
+
+def test_rows_share_the_base_budget_and_override_only_their_choice() -> None:
+    ce, casd = load_row(EXPERIMENTS / "aid20" / "ce.toml"), load_row(EXPERIMENTS / "aid20" / "casd.toml")
+    fixed = load_row(EXPERIMENTS / "aid20" / "casd_alpha_fixed_0.1.toml")
+    for key in ("backbone", "input_size", "epochs", "lr", "batch_size"):
+        assert ce.settings[key] == casd.settings[key] == fixed.settings[key]
+    assert fixed.settings["loss"]["alpha_mode"] == "fixed" and fixed.settings["negatives"] == "centroid"
+    assert fixed.settings["loss"]["label_smoothing"] == casd.settings["loss"]["label_smoothing"]
+
+
+def test_experiment_runs_seeds_then_summarises(shared_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    row = tmp_path / "tiny.toml"
+    row.write_text('name = "tiny"\nmethod = "ce"\nsplit = "aid150/split_20.csv"\nepochs = 1\n'
+                   'subset_per_class = 3\nbatch_size = 16\nval_fraction = 0.34\nseeds = [0, 1]\n')
+    runs = tmp_path / "runs"
+    assert main(["experiment", str(row), "--runs", str(runs), "--data", str(shared_data)]) == 0
+    table = capsys.readouterr().out.splitlines()[-1]
+    assert table.startswith("| tiny | ce | 2/2 | ") and "±" in table
+    assert (runs / "tiny" / "seed1" / "model.safetensors").is_file()
