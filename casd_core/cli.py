@@ -10,6 +10,16 @@ from pathlib import Path
 from casd_core.errors import CasdError
 
 
+def _band_list(text: str) -> tuple[int, ...]:
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1-based band numbers like 1,2,3 but got {text!r}") from None
+    if not bands or min(bands) < 1:
+        raise argparse.ArgumentTypeError("band numbers start at 1")
+    return bands
+
+
 # --- train / evaluate --------------------------------------------------------------------
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -28,7 +38,7 @@ def _run_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, input_size=args.input_size, val_fraction=args.val_fraction,
         seed=args.seed, negatives=args.negatives, loss=loss, subset_per_class=args.subset_per_class,
         package_name=args.package_name, device=args.device, workers=args.workers,
-        gsd_m=args.gsd, tile_footprint_m=args.tile_footprint,
+        bands=args.bands, value_scale=args.value_scale, gsd_m=args.gsd, tile_footprint_m=args.tile_footprint,
     )
     result = train(cfg)
     test = result.metrics.get("test")
@@ -79,7 +89,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--alpha-max", type=float, default=2.0)
     g.add_argument("--alpha-target-active", type=float, default=0.1,
                    help="adaptive alpha: share of triplets that should still violate the margin")
-    m = p.add_argument_group("package description and hardware")
+    m = p.add_argument_group("imagery, package description and hardware")
+    m.add_argument("--bands", type=_band_list, help="1-based bands of multi-band GeoTIFF chips to train on, e.g. 1,2,3,4")
+    m.add_argument("--value-scale", type=float,
+                   help="divide pixel values by this to get [0, 1] (default 255 for uint8; required for uint16)")
     m.add_argument("--gsd", type=float, help="nominal ground sample distance of the training images, metres/pixel")
     m.add_argument("--tile-footprint", type=float, help="recommended ground size of one tile at inference, metres")
     m.add_argument("--package-name", default="model.safetensors", help="file name of the model package in --out")
@@ -124,14 +137,190 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_evaluate)
 
 
+def _run_experiment(args: argparse.Namespace) -> int:
+    from casd_core.experiment import load_row, run_row, summary_table
+
+    rows = [load_row(path) for path in args.rows]
+    if not args.summary_only:
+        for row in rows:
+            print(f"== {row.name}: seeds {row.seeds}")
+            run_row(row, args.runs, args.data, args.device)
+    print(summary_table(rows, args.runs))
+    return 0
+
+
+def _add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "experiment", help="run table rows of a study (config files) over their seeds, then summarise",
+        description="Train every seed of each row file (TOML, see experiments/) into RUNS/<row>/seed<k>/, "
+                    "resuming interrupted runs and skipping finished ones, then print a Markdown table of "
+                    "test OA and kappa (mean ± std over seeds), training time and images/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("rows", type=Path, nargs="+", help="row files, e.g. experiments/aid20/casd.toml")
+    p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="where the runs live")
+    p.add_argument("--data", type=Path, help="data root the row paths are relative to (default: $CASD_DATA)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--summary-only", action="store_true", help="only print the table of what is finished")
+    p.set_defaults(run=_run_experiment)
+
+
 # --- predict / batch (inference) -----------------------------------------------------------
 
 def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
-    pass
+    p = subparsers.add_parser(
+        "predict", help="label a raster tile by tile and write the grid as a vector layer",
+        description="Slide a window over a georeferenced raster, classify each tile and write one "
+                    "polygon per tile (class, score, uncertainty, top-3) in the raster's CRS, styled "
+                    "for QGIS. The output is written atomically: an interrupted run leaves no file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("raster", type=Path, help="georeferenced raster (GeoTIFF, ...)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output layer: .gpkg (default format), .geojson or .fgb")
+    p.add_argument("--format", choices=["gpkg", "geojson", "fgb"],
+                   help="output format (default: from the output's suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    _add_inference_arguments(p)
+    p.set_defaults(run=_run_predict)
 
 
 def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
-    pass
+    p = subparsers.add_parser(
+        "batch", help="label every raster of a folder (resumable)",
+        description="Run `casd predict` over every *.tif/*.tiff of a folder (recursively), one output "
+                    "per raster under OUTDIR (sub-folders mirrored). Rasters whose output exists are "
+                    "skipped, so rerunning after an interruption resumes. A raster that fails is "
+                    "reported and the batch goes on; the exit code is 1 if any failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", type=Path, help="folder of rasters")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                   help="output folder (created if needed)")
+    p.add_argument("--format", choices=["gpkg", "geojson", "fgb"], default="gpkg", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="redo rasters whose output exists")
+    p.add_argument("--no-recursive", action="store_true", help="only the folder itself, not sub-folders")
+    p.add_argument("--merged", action="store_true",
+                   help="also write OUTDIR/merged.<format>: every tile of every raster, with a 'source' field")
+    _add_inference_arguments(p)
+    p.set_defaults(run=_run_batch)
+
+
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", type=Path,
+                   help="model package (.safetensors); default: the embedded AID model")
+    t = p.add_argument_group("tiling")
+    t.add_argument("--tile-size", type=float,
+                   help="tile size in --unit (default: the model's recommended ground footprint)")
+    t.add_argument("--unit", choices=["m", "px"], default="m",
+                   help="unit of --tile-size and --stride: metres on the ground or raster pixels")
+    t.add_argument("--overlap", type=float, default=0.0, help="overlap between tiles, fraction of a tile")
+    t.add_argument("--stride", type=float, help="step between tiles in --unit (overrides --overlap)")
+    t.add_argument("--nodata-threshold", type=float, default=0.5,
+                   help="tiles with a larger nodata fraction get no label")
+    t.add_argument("--bands", help="raster bands (1-based) in the model's band order, e.g. 1,2,3 "
+                                   "(default: by colour interpretation, else the first ones)")
+    t.add_argument("--extent", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="only this rectangle, in the raster's CRS")
+    t.add_argument("--aoi", type=Path, help="only tiles overlapping the polygons of this vector file")
+    t.add_argument("--dissolve", action="store_true",
+                   help="merge adjacent tiles of the same class into region polygons")
+    r = p.add_argument_group("hardware")
+    r.add_argument("--batch-size", type=int, default=32, help="tiles per model call")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=1,
+                   help="background threads reading tiles while the model runs (0: no overlap)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _tiling_from_args(args: argparse.Namespace):
+    from casd_core.tiling import TilingConfig
+    from casd_core.vectorio import read_aoi
+
+    bands = None
+    if args.bands:
+        try:
+            bands = tuple(int(b) for b in args.bands.replace(" ", "").split(",") if b)
+        except ValueError:
+            raise CasdError(f"--bands {args.bands!r} is not a list of band numbers; "
+                            "write them like 1,2,3") from None
+    aoi, aoi_crs = read_aoi(args.aoi) if args.aoi else (None, None)
+    return TilingConfig(tile_size=args.tile_size, unit=args.unit, overlap=args.overlap,
+                        stride=args.stride, nodata_threshold=args.nodata_threshold, bands=bands,
+                        extent=tuple(args.extent) if args.extent else None, aoi=aoi, aoi_crs=aoi_crs)
+
+
+def _inference_from_args(args: argparse.Namespace):
+    from casd_core.inference import InferenceConfig
+
+    return InferenceConfig(batch_size=args.batch_size, device=args.device, workers=args.workers)
+
+
+class _TileBar:
+    """A tqdm bar (tiles, tiles/s) fed by the pipeline's progress messages; one per raster."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.label = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        from casd_core.inference import parse_tile_progress
+
+        parsed = parse_tile_progress(message)
+        if self.quiet or parsed is None:
+            return
+        done, total = parsed
+        label = message.rpartition(": ")[0] or None
+        if self.bar is None or label != self.label or total != self.bar.total:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=total, unit="tile", desc=label, leave=label is None,
+                            dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+            self.label = label
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from casd_core.inference import classify_raster
+    from casd_core.progress import Monitor
+
+    if args.output.exists() and not args.overwrite:
+        raise CasdError(f"{args.output} already exists; pass --overwrite to replace it")
+    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    bar = _TileBar(args.quiet)
+    try:
+        summary = classify_raster(args.raster, args.output, model=args.model, tiling=tiling,
+                                  inference=inference, fmt=args.format, dissolve=args.dissolve,
+                                  monitor=Monitor(on_progress=bar))
+    finally:
+        bar.close()
+    top = ", ".join(f"{name} {count}" for name, count in list(summary.class_counts.items())[:5])
+    print(f"wrote {summary.output}: {summary.features} feature(s) from {summary.tiles} tile(s), "
+          f"{summary.skipped_nodata} skipped as nodata, {summary.seconds:.1f} s "
+          f"({summary.tiles_per_second:.1f} tiles/s)")
+    print(f"most frequent classes: {top}")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from casd_core.inference import classify_folder
+    from casd_core.progress import Monitor
+
+    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    bar = _TileBar(args.quiet)
+    try:
+        summary = classify_folder(args.folder, args.output, model=args.model, tiling=tiling,
+                                  inference=inference, recursive=not args.no_recursive,
+                                  overwrite=args.overwrite, merged=args.merged, fmt=args.format,
+                                  monitor=Monitor(on_progress=bar), dissolve=args.dissolve)
+    finally:
+        bar.close()
+    print(summary.table())
+    return 1 if summary.failed else 0
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -144,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_experiment_parser(subparsers)
     _add_predict_parser(subparsers)
     _add_batch_parser(subparsers)
     return parser

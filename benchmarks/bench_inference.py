@@ -1,0 +1,347 @@
+"""Raster inference speed and memory: the model's bound, the pipeline, a naive loop, peak RSS.
+
+On a GeoTIFF mosaicked from ``../shared/data/rasters/test_tiled.tif`` (same CRS and pixel
+size, 256-px tiles, JPEG like the source; cached between runs) with EfficientNet-Lite0 at
+150 px (random head, so speed only):
+
+(a) model only: in-memory float tensors, the best of batch size × threads × channels_last ×
+    glibc malloc settings (default / mallopt-tuned) × OpenMP wait policy (libgomp's default
+    spin-then-sleep / PASSIVE), each process-level setting in its own process;
+(b) the full pipeline (``classify_raster``: plan, background reads, batched inference,
+    GeoPackage write) with the settings that made (a) fastest, 150-px tiles read 1:1;
+    also with the default 120 m footprint (480-px windows resampled to 150 px);
+(c) a naive loop: read one window, classify it, next (same process settings as (b));
+the model and the pipeline again with one CPU-bound process running beside them;
+peak RSS of the whole process tree running ``classify_raster`` on a small and a huge mosaic.
+
+    .venv/bin/python benchmarks/bench_inference.py                 # full: 10,000² + RSS 2,000²/20,000²
+    .venv/bin/python benchmarks/bench_inference.py --quick --size 3000 --rss-sizes 1000,3000
+
+It competes for the machine's cores with anything else running: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE = Path(os.environ.get("CASD_DATA", REPO.parent / "shared" / "data")) / "rasters" / "test_tiled.tif"
+INPUT = 150
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def mosaic(size: int, cache: Path) -> Path:
+    """A size×size GeoTIFF tiling the real raster (mirrored copies, so no seams), cached."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    out = cache / f"mosaic_{size}.tif"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(SOURCE) as src:
+        data = src.read()
+        profile = src.profile | {"width": size, "height": size, "tiled": True, "blockxsize": 256,
+                                 "blockysize": 256, "compress": "jpeg", "photometric": "ycbcr",
+                                 "jpeg_quality": 90, "BIGTIFF": "IF_SAFER"}
+    tmp = out.with_suffix(".partial.tif")
+    n = data.shape[1]
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for row in range(0, size, n):
+            for col in range(0, size, n):
+                tile = data
+                if (row // n) % 2:
+                    tile = tile[:, ::-1, :]
+                if (col // n) % 2:
+                    tile = tile[:, :, ::-1]
+                h, w = min(n, size - row), min(n, size - col)
+                dst.write(np.ascontiguousarray(tile[:, :h, :w]), window=Window(col, row, w, h))
+    os.replace(tmp, out)
+    return out
+
+
+def bench_package(cache: Path) -> Path:
+    """EfficientNet-Lite0, 30 classes, 150 px, 120 m footprint (speed only: random head)."""
+    out = cache / "bench_lite0_150.safetensors"
+    if out.is_file():
+        return out
+    from casd_core.models import build_model, default_normalization
+    from casd_core.package import ModelPackage, default_class_colors
+
+    names = [f"class_{i:02d}" for i in range(30)]
+    mean, std = default_normalization("efficientnet_lite0", 3)
+    package = ModelPackage(backbone="efficientnet_lite0", class_names=names,
+                           class_colors=default_class_colors(names), bands=["red", "green", "blue"],
+                           input_size=INPUT, mean=mean, std=std, tile_footprint_m=120.0,
+                           state_dict=build_model("efficientnet_lite0", 30, pretrained=None).state_dict())
+    return package.save(out)
+
+
+# --- workers (each in its own process: malloc and OpenMP settings are per process) -----------
+
+def worker_bound(cfg: dict) -> dict:
+    import torch
+
+    from casd_core import inference
+    from casd_core.package import ModelPackage
+
+    if cfg["malloc"] == "tuned":
+        assert inference.tune_malloc()
+    model = ModelPackage.load(cfg["package"]).build_model()
+    results = []
+    for threads in cfg["threads"]:
+        torch.set_num_threads(threads)
+        for channels_last in cfg["channels_last"]:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(memory_format=fmt)
+            for batch in cfg["batches"]:
+                x = torch.randn(batch, 3, INPUT, INPUT).contiguous(memory_format=fmt)
+                with torch.inference_mode():
+                    for _ in range(2):
+                        model(x)
+                    n, start = 0, time.perf_counter()
+                    while time.perf_counter() - start < cfg["seconds"] or n < 2 * batch:
+                        model(x)
+                        n += batch
+                    rate = n / (time.perf_counter() - start)
+                results.append({"threads": threads, "channels_last": channels_last,
+                                "batch": batch, "tiles_per_s": rate})
+    return {"results": results}
+
+
+def worker_pipeline(cfg: dict) -> dict:
+    from casd_core.inference import InferenceConfig, Predictor, classify_raster
+    from casd_core.tiling import TilingConfig
+
+    start = time.perf_counter()
+    predictor = Predictor.from_package(cfg["package"], device="cpu")
+    load = time.perf_counter() - start
+    classify_from = time.time()
+    tiling = TilingConfig(tile_size=cfg["tile_size"], unit=cfg["unit"])
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = classify_raster(cfg["raster"], Path(tmp) / "out.gpkg", predictor, tiling,
+                                  InferenceConfig(batch_size=cfg["batch"], workers=cfg["workers"]))
+    return {"tiles": summary.tiles, "seconds": summary.seconds, "model_load_s": load,
+            "tiles_per_s": summary.tiles / summary.seconds, "classify_from": classify_from}
+
+
+def worker_naive(cfg: dict) -> dict:
+    """Read one window, classify it, repeat: what a first script would do."""
+    import rasterio
+    import torch
+
+    from casd_core import inference
+    from casd_core.package import ModelPackage
+    from casd_core.tiling import TilingConfig, tile_grid
+
+    if cfg["malloc"] == "tuned":
+        inference.tune_malloc()
+    package = ModelPackage.load(cfg["package"])
+    model = package.build_model()
+    mean = torch.tensor(package.mean).view(3, 1, 1)
+    std = torch.tensor(package.std).view(3, 1, 1)
+    grid = tile_grid(cfg["raster"], TilingConfig(tile_size=INPUT, unit="px"), package)
+    n, start = 0, time.perf_counter()
+    with rasterio.open(cfg["raster"]) as ds, torch.inference_mode():
+        for tile in grid:
+            x = (torch.from_numpy(ds.read(window=tile.window)).float() / 255 - mean) / std
+            torch.softmax(model(x[None]), 1).argmax(1).item()
+            n += 1
+            if n >= cfg["max_tiles"]:
+                break
+    return {"tiles": n, "tiles_per_s": n / (time.perf_counter() - start)}
+
+
+WORKERS = {"bound": worker_bound, "pipeline": worker_pipeline, "naive": worker_naive}
+
+
+def wait_env(wait: str) -> dict[str, str]:
+    """OpenMP's wait policy for a worker: libgomp's default (spin 300,000 times, then sleep)
+    or PASSIVE (sleep at once). casd_core.inference asks for PASSIVE unless told otherwise;
+    an explicit GOMP_SPINCOUNT overrides OMP_WAIT_POLICY in libgomp, which restores the
+    default here."""
+    if wait == "passive":
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": "300000"}
+
+
+def run_worker(kind: str, cfg: dict, env: dict[str, str] | None = None,
+               sample_rss: bool = False) -> dict:
+    """Run a worker in a fresh process; with ``sample_rss`` also its tree's peak RSS."""
+    command = [sys.executable, __file__, "--worker", kind, json.dumps(cfg)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    samples = []
+    if sample_rss:
+        while proc.poll() is None:
+            samples.append((time.time(), tree_rss(proc.pid)))
+            time.sleep(0.02)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    if sample_rss:
+        result["peak_tree_rss_mb"] = max(rss for _, rss in samples) / 2**20
+        result["peak_classify_rss_mb"] = max(
+            (rss for t, rss in samples if t >= result["classify_from"]), default=0) / 2**20
+    return result
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants, now."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * page
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=10000, help="side of the throughput mosaic, px")
+    parser.add_argument("--rss-sizes", default="2000,20000", help="sides of the memory mosaics, px")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "casd-bench",
+                        help="where mosaics and the benchmark model are kept between runs")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per model-only setting")
+    parser.add_argument("--naive-tiles", type=int, default=600, help="tiles timed in the naive loop")
+    parser.add_argument("--quick", action="store_true", help="fewer model-only settings")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, cfg = args.worker
+        print(json.dumps(WORKERS[kind](json.loads(cfg))))
+        return
+
+    started = time.perf_counter()
+    package = bench_package(args.cache)
+    raster = mosaic(args.size, args.cache)
+    rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s]
+    rss_rasters = {s: mosaic(s, args.cache) for s in rss_sizes}
+    print(f"mosaics ready in {time.perf_counter() - started:.0f} s; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU(s)", flush=True)
+
+    # (a) the model's bound
+    batches = [16, 32] if args.quick else [1, 8, 16, 32, 64]
+    bound = []
+    for malloc in ("default", "tuned"):
+        for wait in ("default", "passive"):
+            cfg = {"package": str(package), "malloc": malloc, "threads": [1, 2],
+                   "channels_last": [False, True], "batches": batches, "seconds": args.seconds}
+            res = run_worker("bound", cfg, wait_env(wait))
+            for r in res["results"]:
+                bound.append({**r, "malloc": malloc, "wait": wait})
+            best_here = max(res["results"], key=lambda r: r["tiles_per_s"])
+            print(f"  (a) malloc {malloc:<7} OMP wait {wait:<7}: best {best_here['tiles_per_s']:.0f} tiles/s "
+                  f"(batch {best_here['batch']}, {best_here['threads']} threads, "
+                  f"channels_last {best_here['channels_last']})", flush=True)
+    best = max(bound, key=lambda r: r["tiles_per_s"])
+    env = {**wait_env(best["wait"]), "OMP_NUM_THREADS": str(best["threads"]),
+           "CASD_MALLOC_TUNING": "1" if best["malloc"] == "tuned" else "0"}
+
+    # (b) the pipeline with those settings, (c) the naive loop
+    common = {"package": str(package), "raster": str(raster), "batch": best["batch"], "workers": 1}
+    pipe = run_worker("pipeline", {**common, "tile_size": INPUT, "unit": "px"}, env)
+    print(f"  (b) pipeline: {pipe['tiles_per_s']:.0f} tiles/s", flush=True)
+    pipe_m = run_worker("pipeline", {**common, "tile_size": 120, "unit": "m"}, env)
+    naive = run_worker("naive", {"package": str(package), "raster": str(raster),
+                                 "malloc": best["malloc"], "max_tiles": args.naive_tiles}, env)
+    print(f"  (c) naive: {naive['tiles_per_s']:.0f} tiles/s", flush=True)
+
+    # the same with one CPU-bound process beside it (another job, QGIS rendering, ...)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy_bound = run_worker("bound", {"package": str(package), "malloc": best["malloc"],
+                                          "threads": sorted({1, best["threads"], os.cpu_count() or 1}),
+                                          "channels_last": [best["channels_last"]],
+                                          "batches": [best["batch"]], "seconds": args.seconds}, wait_env(best["wait"]))
+        busy_pipe = run_worker("pipeline", {**common, "tile_size": INPUT, "unit": "px"}, env)
+    finally:
+        hog.kill()
+        hog.wait()
+    busy = {r["threads"]: r["tiles_per_s"] for r in busy_bound["results"]}
+    print(f"  busy machine: model {busy} tiles/s by threads, pipeline {busy_pipe['tiles_per_s']:.0f}", flush=True)
+
+    # peak RSS of the process tree
+    rss = {}
+    for size, path in rss_rasters.items():
+        rss[size] = run_worker("pipeline", {**common, "raster": str(path), "tile_size": 120, "unit": "m"},
+                               env, sample_rss=True)
+
+    def setting(r: dict) -> str:
+        return (f"batch {r['batch']}, {r['threads']} thr, {'channels_last' if r['channels_last'] else 'NCHW'}, "
+                f"malloc {r['malloc']}, OMP wait {r['wait']}")
+
+    default_cfg = next(r for r in bound if r["malloc"] == "default" and r["wait"] == "default"
+                       and r["threads"] == 2 and not r["channels_last"] and r["batch"] == 32)
+    lines = [
+        f"mosaic {args.size}×{args.size} px (RGB JPEG tiles, EPSG:28992, 0.25 m), EfficientNet-Lite0 "
+        f"{INPUT} px, CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end",
+        "",
+        "| measurement | setting | tiles/s |",
+        "|---|---|---:|",
+        f"| (a) model only, torch defaults | {setting(default_cfg)} | {default_cfg['tiles_per_s']:.0f} |",
+        f"| (a) model only, best = bound | {setting(best)} | {best['tiles_per_s']:.0f} |",
+        f"| (b) pipeline, {INPUT}-px tiles (1:1 reads) | same, 1 reader thread, {pipe['tiles']} tiles, "
+        f"GeoPackage written | {pipe['tiles_per_s']:.0f} |",
+        f"| (b') pipeline, 120 m tiles (480-px reads → {INPUT} px) | same, {pipe_m['tiles']} tiles | "
+        f"{pipe_m['tiles_per_s']:.0f} |",
+        f"| (c) naive loop, one tile at a time | batch 1, same process settings, {naive['tiles']} tiles "
+        f"| {naive['tiles_per_s']:.0f} |",
+        "",
+        f"(b)/(a) = {pipe['tiles_per_s'] / best['tiles_per_s']:.2f}   "
+        f"(b)/(c) = {pipe['tiles_per_s'] / naive['tiles_per_s']:.1f}",
+        "",
+        "With one CPU-bound process running beside it (same settings, 150-px tiles):",
+        "",
+        "| measurement | tiles/s |",
+        "|---|---:|",
+    ] + [f"| (a) model only, {t} thread(s) | {rate:.0f} |" for t, rate in sorted(busy.items())] + [
+        f"| (b) pipeline (ThreadTuner picks the thread count) | {busy_pipe['tiles_per_s']:.0f} |",
+        "",
+        "| raster | tiles (120 m) | seconds | peak RSS of the process tree, whole run | "
+        "… while classifying |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for size, r in rss.items():
+        lines.append(f"| {size:,}² px | {r['tiles']} | {r['seconds']:.1f} | {r['peak_tree_rss_mb']:.0f} MB "
+                     f"| {r['peak_classify_rss_mb']:.0f} MB |")
+    if len(rss) >= 2:
+        sizes = sorted(rss)
+        whole = rss[sizes[-1]]["peak_tree_rss_mb"] - rss[sizes[0]]["peak_tree_rss_mb"]
+        classify = rss[sizes[-1]]["peak_classify_rss_mb"] - rss[sizes[0]]["peak_classify_rss_mb"]
+        lines += ["", f"RSS growth {sizes[0]:,}² → {sizes[-1]:,}²: {whole:+.0f} MB (whole run), "
+                      f"{classify:+.0f} MB (while classifying)"]
+    lines += ["", f"total benchmark time {time.perf_counter() - started:.0f} s"]
+    print("\n".join(lines))
+    (args.cache / "bench_inference.json").write_text(json.dumps(
+        {"bound": bound, "best": best, "pipeline": pipe, "pipeline_120m": pipe_m, "naive": naive,
+         "busy_bound": busy, "busy_pipeline": busy_pipe, "rss": rss}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``casd:classifyraster`` — label every tile of a raster layer with its scene class.
+
+The same core generator as ``casd predict`` (``iter_tile_predictions``) yields the tiles; this
+face only turns them into features of a Processing sink, so the output can be any format QGIS
+writes, a temporary layer, or a model's intermediate result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
+                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterBand,
+                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterRasterLayer, QgsProviderRegistry, QgsRasterLayer, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+
+from ..feedback import monitor_for
+from ..styling import style_when_loaded
+from .common import CasdAlgorithm, user_errors
+from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
+                            add_tiling_parameters, inference_config, tiling_config)
+
+INPUT = "INPUT"
+MODEL = "MODEL"
+BANDS = "BANDS"
+EXTENT = "EXTENT"
+DEVICE = "DEVICE"
+OUTPUT = "OUTPUT"
+TILE_COUNT = "TILE_COUNT"
+
+_QVARIANT_TYPES = {"int32": QVariant.Int, "int64": QVariant.LongLong, "float64": QVariant.Double,
+                   "float32": QVariant.Double, "str": QVariant.String}
+
+
+def output_fields() -> QgsFields:
+    """The sink's fields, from the core's ``OUTPUT_FIELDS`` (the same columns the CLI writes)."""
+    from casd_core.vectorio import OUTPUT_FIELDS
+
+    fields = QgsFields()
+    for name, kind in OUTPUT_FIELDS:
+        fields.append(QgsField(name, _QVARIANT_TYPES[kind]))
+    return fields
+
+
+def raster_file(layer: QgsRasterLayer) -> str:
+    """The file (or GDAL dataset name) behind ``layer``; casd_core reads rasters with rasterio."""
+    from casd_core.errors import CasdError
+
+    if layer.providerType() != "gdal":
+        raise CasdError(f"layer '{layer.name()}' is not a raster file ({layer.providerType()} provider); "
+                        "save it as a GeoTIFF first (Raster ▸ Conversion ▸ Translate) and classify that")
+    parts = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())
+    path = parts.get("path") or layer.source()
+    if parts.get("layerName"):
+        return layer.source()  # e.g. a GeoPackage raster table: GDAL's own dataset name
+    if not (os.path.isfile(path) or path.startswith("/vsi")):
+        raise CasdError(f"the file behind layer '{layer.name()}' ({path}) cannot be found; "
+                        "save the layer as a GeoTIFF first and classify that")
+    return path
+
+
+def _plain(value):
+    """numpy scalars as Python values, which QVariant accepts."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class ClassifyRasterAlgorithm(CasdAlgorithm):
+    def __init__(self) -> None:
+        super().__init__()
+        self._style: tuple[str, str] | None = None  # (output layer id, QML) for postProcessAlgorithm
+
+    def name(self) -> str:
+        return "classifyraster"
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS's name)
+        return "Classify raster scenes"
+
+    def shortHelpString(self) -> str:  # noqa: N802 (QGIS's name)
+        return (
+            "Cuts a raster into square tiles and labels each tile with its scene class (e.g. Forest, "
+            "River, Industrial, DenseResidential). The output has one polygon per tile with the "
+            "predicted class, its probability and the runner-up classes; it is added to the map "
+            "categorised by class in the model's colours.<br><br>"
+            "<b>Model</b>: a model package (<i>.safetensors</i>) written by 'Train a scene "
+            "classifier'; empty uses the embedded model trained on the 30 AID classes. "
+            "<b>Bands</b>: the raster bands fed to the model, in the model's band order (red, green, "
+            "blue for the default model); empty takes the first bands.<br><br>"
+            f"{HELP}<br><br>"
+            "<b>Extent</b> (optional) limits the classification to an area. The raster must be a "
+            "file GDAL reads (e.g. GeoTIFF). Cancel stops between batches and writes nothing."
+        )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
+        self.addParameter(QgsProcessingParameterRasterLayer(INPUT, "Raster layer"))
+        self.add_model_parameter(MODEL)
+        self.addParameter(QgsProcessingParameterBand(
+            BANDS, "Bands (empty: the first bands, as many as the model needs)",
+            parentLayerParameterName=INPUT, optional=True, allowMultiple=True))
+        add_tiling_parameters(self)
+        self.add_device_parameter(DEVICE)
+        self.addParameter(QgsProcessingParameterExtent(EXTENT, "Extent (empty: the whole raster)", optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            OUTPUT, "Scene classes", type=QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber(TILE_COUNT, "Number of labelled tiles"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
+        raster = self.parameterAsRasterLayer(parameters, INPUT, context)
+        extent = self.parameterAsExtent(parameters, EXTENT, context, raster.crs())
+        with user_errors():
+            from casd_core.inference import Predictor, iter_tile_predictions
+            from casd_core.vectorio import qml_style
+
+            source = raster_file(raster)
+            device = self.device(parameters, DEVICE, context)
+            predictor = Predictor.from_package(self.model_path(parameters, MODEL, context), device)
+            package = predictor.package
+            tiling = tiling_config(
+                self, parameters, context, bands=self.parameterAsInts(parameters, BANDS, context),
+                extent=None if extent.isNull() else (extent.xMinimum(), extent.yMinimum(),
+                                                     extent.xMaximum(), extent.yMaximum()))
+            fields = output_fields()
+            stream = iter_tile_predictions(source, predictor, tiling,
+                                           inference_config(self, parameters, context, device),
+                                           monitor_for(feedback))
+            # Features are kept until the end and the sink is opened only then: the sink creates
+            # its file when opened, and a cancel must leave no output behind.
+            try:
+                features = [self._feature(prediction, fields) for prediction in stream]
+            finally:
+                stream.close()
+        sink, dest_id = self.parameterAsSink(parameters, OUTPUT, context, fields, QgsWkbTypes.Polygon, raster.crs())
+        if not sink.addFeatures(features, QgsFeatureSink.FastInsert):
+            raise QgsProcessingException(f"could not write the tiles: {sink.lastError()}")
+        feedback.pushInfo(f"{stream.labelled} of {stream.total} tiles labelled"
+                          f"{f', {stream.skipped_nodata} skipped as nodata' if stream.skipped_nodata else ''}")
+        counts = Counter(feature["class_name"] for feature in features)
+        feedback.pushInfo("Classes: " + ", ".join(f"{name} {count}" for name, count in counts.most_common()))
+        self._style = (dest_id, qml_style(package))
+        return {OUTPUT: dest_id, TILE_COUNT: len(features)}
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 (QGIS's name)
+        if self._style is not None:  # runs on the main thread, before QGIS loads the layer
+            style_when_loaded(context, *self._style)
+        return {}
+
+    @staticmethod
+    def _feature(prediction, fields: QgsFields) -> QgsFeature:
+        feature = QgsFeature(fields)
+        geometry = QgsGeometry()
+        geometry.fromWkb(prediction.geometry.wkb)
+        feature.setGeometry(geometry)
+        feature.setAttributes([_plain(getattr(prediction, field.name())) for field in fields])
+        return feature
+

@@ -1,0 +1,71 @@
+"""The tiling and inference parameters that classifyraster and classifyfolder share."""
+
+from __future__ import annotations
+
+from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterNumber
+
+from .common import advanced
+
+TILE_SIZE = "TILE_SIZE"
+TILE_UNIT = "TILE_UNIT"
+OVERLAP = "OVERLAP"
+STRIDE = "STRIDE"
+NODATA_THRESHOLD = "NODATA_THRESHOLD"
+BATCH_SIZE = "BATCH_SIZE"
+
+TILE_UNITS = (("m", "metres (map units)"), ("px", "pixels"))
+
+HELP = (
+    "<b>Tile size</b>: the side of one square tile, in metres or pixels; empty uses the model's "
+    "recommended ground footprint, so tiles show the same amount of ground as the training images. "
+    "<b>Overlap</b>: fraction of a tile shared with its neighbour (0 = side by side); an explicit "
+    "<b>stride</b> (same unit as the tile size) overrides it. <b>Nodata threshold</b>: tiles with a "
+    "larger fraction of nodata pixels are skipped and get no feature. Each tile is resampled to the "
+    "model's input size."
+)
+
+
+def _decimals(param, decimals: int):
+    param.setMetadata({"widget_wrapper": {"decimals": decimals}})
+    return param
+
+
+def add_tiling_parameters(algorithm) -> None:
+    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
+        TILE_SIZE, "Tile size (empty: the model's recommended footprint)",
+        type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True), 1))
+    algorithm.addParameter(QgsProcessingParameterEnum(
+        TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS], defaultValue=0))
+    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
+        OVERLAP, "Overlap between neighbouring tiles (fraction of a tile)",
+        type=QgsProcessingParameterNumber.Double, minValue=0.0, maxValue=0.95, defaultValue=0.0), 2))
+    algorithm.addParameter(advanced(_decimals(QgsProcessingParameterNumber(
+        STRIDE, "Stride, in the tile size unit (empty: from the overlap)",
+        type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True), 1)))
+    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
+        NODATA_THRESHOLD, "Skip tiles with more than this fraction of nodata pixels",
+        type=QgsProcessingParameterNumber.Double, minValue=0.0, maxValue=1.0, defaultValue=0.5), 2))
+    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
+        BATCH_SIZE, "Batch size (tiles per forward pass)", type=QgsProcessingParameterNumber.Integer,
+        defaultValue=32, minValue=1)))
+
+
+def tiling_config(algorithm, parameters: dict, context, bands=None, extent=None):
+    """The core's :class:`TilingConfig` from the shared parameters."""
+    from casd_core.tiling import TilingConfig
+
+    return TilingConfig(
+        tile_size=algorithm.parameterAsDouble(parameters, TILE_SIZE, context) or None,
+        unit=TILE_UNITS[algorithm.parameterAsEnum(parameters, TILE_UNIT, context)][0],
+        overlap=algorithm.parameterAsDouble(parameters, OVERLAP, context),
+        stride=algorithm.parameterAsDouble(parameters, STRIDE, context) or None,
+        nodata_threshold=algorithm.parameterAsDouble(parameters, NODATA_THRESHOLD, context),
+        bands=tuple(bands) if bands else None,
+        extent=extent,
+    )
+
+
+def inference_config(algorithm, parameters: dict, context, device: str):
+    from casd_core.inference import InferenceConfig
+
+    return InferenceConfig(batch_size=algorithm.parameterAsInt(parameters, BATCH_SIZE, context), device=device)

@@ -1,0 +1,123 @@
+"""``casd:train`` — train a scene classifier on an image folder and write a model package."""
+
+from __future__ import annotations
+
+from qgis.core import (QgsProcessingOutputFile, QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterFile, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber)
+
+from ..feedback import monitor_for
+from .common import CasdAlgorithm, advanced, use_python_for_child_processes, user_errors
+
+DATA_FOLDER = "DATA_FOLDER"
+SPLIT_CSV = "SPLIT_CSV"
+METHOD = "METHOD"
+BACKBONE = "BACKBONE"
+PRETRAINED = "PRETRAINED"
+EPOCHS = "EPOCHS"
+BATCH_SIZE = "BATCH_SIZE"
+SUBSET_PER_CLASS = "SUBSET_PER_CLASS"
+TILE_FOOTPRINT = "TILE_FOOTPRINT"
+SEED = "SEED"
+DEVICE = "DEVICE"
+OUTPUT_FOLDER = "OUTPUT_FOLDER"
+OUTPUT_MODEL = "OUTPUT_MODEL"
+VALIDATION_ACCURACY = "VALIDATION_ACCURACY"
+TEST_ACCURACY = "TEST_ACCURACY"
+
+
+class TrainAlgorithm(CasdAlgorithm):
+    def name(self) -> str:
+        return "train"
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS's name)
+        return "Train a scene classifier"
+
+    def shortHelpString(self) -> str:  # noqa: N802 (QGIS's name)
+        return (
+            "Trains a scene classifier on labelled images and writes a model package "
+            "(<i>model.safetensors</i>) that the classify algorithms use.<br><br>"
+            "<b>Image folder</b>: one sub-folder per class (e.g. AID). <b>Split CSV</b> (optional): "
+            "columns <i>path,label,split</i> with paths relative to the image folder; only its "
+            "<i>train</i> rows are trained on (a validation part is carved out of them to pick the "
+            "best epoch) and its <i>test</i> rows are evaluated once at the end. Without a CSV every "
+            "image is used for training.<br><br>"
+            "<b>Method</b>: <i>casd</i> (Class-Aware Self-Distillation: same-class and confusable "
+            "other-class partners with a learnable margin), <i>cskd</i> (class-wise self-distillation) "
+            "or <i>ce</i> (plain cross-entropy). <b>Tile footprint</b> (optional) is the ground size "
+            "in metres of one training image; it becomes the default tile size when classifying rasters.<br><br>"
+            "The run folder keeps a checkpoint after each epoch: running again with the same settings "
+            "and folder resumes. Cancel stops between batches; no model package is written then. "
+            "Training is slow on a CPU: try a few epochs and a small subset per class first."
+        )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
+        from casd_core.losses import METHODS
+        from casd_core.models import BACKBONES
+
+        self._methods = list(METHODS)
+        self._backbones = list(BACKBONES)
+        self.addParameter(QgsProcessingParameterFile(
+            DATA_FOLDER, "Image folder (one sub-folder per class)", behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFile(
+            SPLIT_CSV, "Split CSV (path,label,split; empty: train on every image)",
+            behavior=QgsProcessingParameterFile.File, extension="csv", optional=True))
+        self.addParameter(QgsProcessingParameterEnum(
+            METHOD, "Method", options=self._methods, defaultValue=self._methods.index("casd")))
+        self.addParameter(QgsProcessingParameterEnum(
+            BACKBONE, "Backbone", options=self._backbones,
+            defaultValue=self._backbones.index("efficientnet_lite0")))
+        self.addParameter(QgsProcessingParameterBoolean(
+            PRETRAINED, "Start from ImageNet weights", defaultValue=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            EPOCHS, "Epochs", type=QgsProcessingParameterNumber.Integer, defaultValue=10, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(
+            BATCH_SIZE, "Batch size", type=QgsProcessingParameterNumber.Integer, defaultValue=32, minValue=1))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            SUBSET_PER_CLASS, "Use at most this many images per class (empty: all)",
+            type=QgsProcessingParameterNumber.Integer, minValue=1, optional=True)))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            TILE_FOOTPRINT, "Tile footprint: ground size of one image in metres (empty: unknown)",
+            type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True)))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            SEED, "Random seed", type=QgsProcessingParameterNumber.Integer, defaultValue=0, minValue=0)))
+        self.add_device_parameter(DEVICE)
+        self.addParameter(QgsProcessingParameterFolderDestination(
+            OUTPUT_FOLDER, "Run folder (checkpoint, metrics log, test report, model package)"))
+        self.addOutput(QgsProcessingOutputFile(OUTPUT_MODEL, "Model package"))
+        self.addOutput(QgsProcessingOutputNumber(VALIDATION_ACCURACY, "Best validation accuracy"))
+        self.addOutput(QgsProcessingOutputNumber(TEST_ACCURACY, "Test accuracy"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
+        use_python_for_child_processes()
+        with user_errors():
+            from casd_core.train import TrainConfig, train
+
+            subset = self.parameterAsInt(parameters, SUBSET_PER_CLASS, context)
+            footprint = self.parameterAsDouble(parameters, TILE_FOOTPRINT, context)
+            config = TrainConfig(
+                data_root=self.parameterAsFile(parameters, DATA_FOLDER, context),
+                split_csv=self.parameterAsFile(parameters, SPLIT_CSV, context) or None,
+                out_dir=self.parameterAsString(parameters, OUTPUT_FOLDER, context),
+                method=self._methods[self.parameterAsEnum(parameters, METHOD, context)],
+                backbone=self._backbones[self.parameterAsEnum(parameters, BACKBONE, context)],
+                pretrained="imagenet" if self.parameterAsBoolean(parameters, PRETRAINED, context) else None,
+                epochs=self.parameterAsInt(parameters, EPOCHS, context),
+                batch_size=self.parameterAsInt(parameters, BATCH_SIZE, context),
+                subset_per_class=subset or None,  # an empty optional number reads as 0
+                tile_footprint_m=footprint or None,
+                seed=self.parameterAsInt(parameters, SEED, context),
+                device=self.device(parameters, DEVICE, context),
+            )
+            feedback.pushInfo(f"Training {config.method} on {config.backbone} for {config.epochs} epoch(s) "
+                              f"into {config.out_dir}")
+            result = train(config, monitor_for(feedback))
+        validation = result.metrics.get("validation", {}).get("overall_accuracy")
+        test = result.metrics.get("test", {}).get("overall_accuracy")
+        if validation is not None:
+            feedback.pushInfo(f"Best validation accuracy: {validation:.2%}")
+        if test is not None:
+            feedback.pushInfo(f"Test accuracy: {test:.2%} (kappa {result.metrics['test']['kappa']:.3f})")
+        feedback.pushInfo(f"Model package: {result.package_path}")
+        return {OUTPUT_FOLDER: str(config.out_dir), OUTPUT_MODEL: str(result.package_path),
+                VALIDATION_ACCURACY: validation, TEST_ACCURACY: test}
