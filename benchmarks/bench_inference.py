@@ -12,7 +12,8 @@ size, 256-px tiles, JPEG like the source; cached between runs) with EfficientNet
     also with the default 120 m footprint (480-px windows resampled to 150 px);
 (c) a naive loop: read one window, classify it, next (same process settings as (b));
 the model and the pipeline again with one CPU-bound process running beside them;
-peak RSS of the whole process tree running ``classify_raster`` on a small and a huge mosaic.
+peak RSS of the whole process tree running ``classify_raster`` (150-px tiles, so that even
+the small mosaic runs enough batches to reach the steady state) on a small and a huge mosaic.
 
     .venv/bin/python benchmarks/bench_inference.py                 # full: 10,000² + RSS 2,000²/20,000²
     .venv/bin/python benchmarks/bench_inference.py --quick --size 3000 --rss-sizes 1000,3000
@@ -118,9 +119,24 @@ def worker_bound(cfg: dict) -> dict:
     return {"results": results}
 
 
+def own_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker_pipeline(cfg: dict) -> dict:
-    from casd_core.inference import InferenceConfig, Predictor, classify_raster
+    from casd_core.inference import InferenceConfig, Predictor, classify_raster, parse_tile_progress
+    from casd_core.progress import Monitor
     from casd_core.tiling import TilingConfig
+
+    rss_at: dict[str, float] = {}
+
+    def sample(fraction: float, message: str) -> None:  # this process's RSS along the run
+        done_total = parse_tile_progress(message)
+        if done_total:
+            for mark in (0.1, 0.5, 1.0):
+                if done_total[0] >= mark * done_total[1] and f"{mark:.0%}" not in rss_at:
+                    rss_at[f"{mark:.0%}"] = own_rss_mb()
 
     start = time.perf_counter()
     predictor = Predictor.from_package(cfg["package"], device="cpu")
@@ -129,9 +145,11 @@ def worker_pipeline(cfg: dict) -> dict:
     tiling = TilingConfig(tile_size=cfg["tile_size"], unit=cfg["unit"])
     with tempfile.TemporaryDirectory() as tmp:
         summary = classify_raster(cfg["raster"], Path(tmp) / "out.gpkg", predictor, tiling,
-                                  InferenceConfig(batch_size=cfg["batch"], workers=cfg["workers"]))
+                                  InferenceConfig(batch_size=cfg["batch"], workers=cfg["workers"]),
+                                  monitor=Monitor(on_progress=sample))
     return {"tiles": summary.tiles, "seconds": summary.seconds, "model_load_s": load,
-            "tiles_per_s": summary.tiles / summary.seconds, "classify_from": classify_from}
+            "tiles_per_s": summary.tiles / summary.seconds, "classify_from": classify_from,
+            "rss_at": rss_at}
 
 
 def worker_naive(cfg: dict) -> dict:
@@ -229,6 +247,7 @@ def main() -> None:
                         help="where mosaics and the benchmark model are kept between runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per model-only setting")
     parser.add_argument("--naive-tiles", type=int, default=600, help="tiles timed in the naive loop")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating (a)/(b) runs for the ratio")
     parser.add_argument("--quick", action="store_true", help="fewer model-only settings")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,10 +282,20 @@ def main() -> None:
     env = {**wait_env(best["wait"]), "OMP_NUM_THREADS": str(best["threads"]),
            "CASD_MALLOC_TUNING": "1" if best["malloc"] == "tuned" else "0"}
 
-    # (b) the pipeline with those settings, (c) the naive loop
+    # (b) the pipeline with those settings, alternating with the bound's setting again so a
+    # passing load on the shared machine hits both alike (medians); (c) the naive loop
     common = {"package": str(package), "raster": str(raster), "batch": best["batch"], "workers": 1}
-    pipe = run_worker("pipeline", {**common, "tile_size": INPUT, "unit": "px"}, env)
-    print(f"  (b) pipeline: {pipe['tiles_per_s']:.0f} tiles/s", flush=True)
+    best_cfg = {"package": str(package), "malloc": best["malloc"], "threads": [best["threads"]],
+                "channels_last": [best["channels_last"]], "batches": [best["batch"]],
+                "seconds": args.seconds}
+    pipes, bounds = [], []
+    for _ in range(args.rounds):
+        bounds.append(run_worker("bound", best_cfg, wait_env(best["wait"]))["results"][0]["tiles_per_s"])
+        pipes.append(run_worker("pipeline", {**common, "tile_size": INPUT, "unit": "px"}, env))
+    pipe = sorted(pipes, key=lambda r: r["tiles_per_s"])[len(pipes) // 2]
+    bound_rate = sorted(bounds)[len(bounds) // 2]
+    print(f"  (b) pipeline: {[round(r['tiles_per_s']) for r in pipes]} tiles/s, bound again "
+          f"{[round(b) for b in bounds]}", flush=True)
     pipe_m = run_worker("pipeline", {**common, "tile_size": 120, "unit": "m"}, env)
     naive = run_worker("naive", {"package": str(package), "raster": str(raster),
                                  "malloc": best["malloc"], "max_tiles": args.naive_tiles}, env)
@@ -289,7 +318,7 @@ def main() -> None:
     # peak RSS of the process tree
     rss = {}
     for size, path in rss_rasters.items():
-        rss[size] = run_worker("pipeline", {**common, "raster": str(path), "tile_size": 120, "unit": "m"},
+        rss[size] = run_worker("pipeline", {**common, "raster": str(path), "tile_size": INPUT, "unit": "px"},
                                env, sample_rss=True)
 
     def setting(r: dict) -> str:
@@ -306,14 +335,17 @@ def main() -> None:
         "|---|---|---:|",
         f"| (a) model only, torch defaults | {setting(default_cfg)} | {default_cfg['tiles_per_s']:.0f} |",
         f"| (a) model only, best = bound | {setting(best)} | {best['tiles_per_s']:.0f} |",
-        f"| (b) pipeline, {INPUT}-px tiles (1:1 reads) | same, 1 reader thread, {pipe['tiles']} tiles, "
-        f"GeoPackage written | {pipe['tiles_per_s']:.0f} |",
+        f"| (a) the bound's setting again, median of {args.rounds} runs between the (b) runs | same | "
+        f"{bound_rate:.0f} |",
+        f"| (b) pipeline, {INPUT}-px tiles (1:1 reads), median of {args.rounds} | same, 1 reader thread, "
+        f"{pipe['tiles']} tiles, GeoPackage written | {pipe['tiles_per_s']:.0f} |",
         f"| (b') pipeline, 120 m tiles (480-px reads → {INPUT} px) | same, {pipe_m['tiles']} tiles | "
         f"{pipe_m['tiles_per_s']:.0f} |",
         f"| (c) naive loop, one tile at a time | batch 1, same process settings, {naive['tiles']} tiles "
         f"| {naive['tiles_per_s']:.0f} |",
         "",
-        f"(b)/(a) = {pipe['tiles_per_s'] / best['tiles_per_s']:.2f}   "
+        f"(b)/(a) = {pipe['tiles_per_s'] / best['tiles_per_s']:.2f} against the best (a), "
+        f"{pipe['tiles_per_s'] / bound_rate:.2f} against (a) measured between the (b) runs   "
         f"(b)/(c) = {pipe['tiles_per_s'] / naive['tiles_per_s']:.1f}",
         "",
         "With one CPU-bound process running beside it (same settings, 150-px tiles):",
@@ -323,13 +355,14 @@ def main() -> None:
     ] + [f"| (a) model only, {t} thread(s) | {rate:.0f} |" for t, rate in sorted(busy.items())] + [
         f"| (b) pipeline (ThreadTuner picks the thread count) | {busy_pipe['tiles_per_s']:.0f} |",
         "",
-        "| raster | tiles (120 m) | seconds | peak RSS of the process tree, whole run | "
-        "… while classifying |",
-        "|---|---:|---:|---:|---:|",
+        f"| raster | tiles ({INPUT} px) | seconds | peak RSS of the process tree, whole run | "
+        "… while classifying | RSS at 10% / 50% / 100% of the tiles |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for size, r in rss.items():
+        along = " / ".join(f"{r['rss_at'].get(m, 0):.0f}" for m in ("10%", "50%", "100%"))
         lines.append(f"| {size:,}² px | {r['tiles']} | {r['seconds']:.1f} | {r['peak_tree_rss_mb']:.0f} MB "
-                     f"| {r['peak_classify_rss_mb']:.0f} MB |")
+                     f"| {r['peak_classify_rss_mb']:.0f} MB | {along} MB |")
     if len(rss) >= 2:
         sizes = sorted(rss)
         whole = rss[sizes[-1]]["peak_tree_rss_mb"] - rss[sizes[0]]["peak_tree_rss_mb"]
@@ -339,7 +372,7 @@ def main() -> None:
     lines += ["", f"total benchmark time {time.perf_counter() - started:.0f} s"]
     print("\n".join(lines))
     (args.cache / "bench_inference.json").write_text(json.dumps(
-        {"bound": bound, "best": best, "pipeline": pipe, "pipeline_120m": pipe_m, "naive": naive,
+        {"bound": bound, "best": best, "bound_again": bounds, "pipelines": pipes, "pipeline": pipe, "pipeline_120m": pipe_m, "naive": naive,
          "busy_bound": busy, "busy_pipeline": busy_pipe, "rss": rss}, indent=1))
 
 

@@ -177,7 +177,7 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output layer: .gpkg (default format), .geojson or .fgb")
     p.add_argument("--format", choices=["gpkg", "geojson", "fgb"],
-                   help="output format (default: from the output's suffix)")
+                   help="output format; None: from the output's suffix")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     _add_inference_arguments(p)
     p.set_defaults(run=_run_predict)
@@ -205,18 +205,18 @@ def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", type=Path,
-                   help="model package (.safetensors); default: the embedded AID model")
+                   help="model package (.safetensors); None: the embedded AID model")
     t = p.add_argument_group("tiling")
     t.add_argument("--tile-size", type=float,
-                   help="tile size in --unit (default: the model's recommended ground footprint)")
+                   help="tile size in --unit; None: the model's recommended ground footprint")
     t.add_argument("--unit", choices=["m", "px"], default="m",
                    help="unit of --tile-size and --stride: metres on the ground or raster pixels")
     t.add_argument("--overlap", type=float, default=0.0, help="overlap between tiles, fraction of a tile")
     t.add_argument("--stride", type=float, help="step between tiles in --unit (overrides --overlap)")
     t.add_argument("--nodata-threshold", type=float, default=0.5,
                    help="tiles with a larger nodata fraction get no label")
-    t.add_argument("--bands", help="raster bands (1-based) in the model's band order, e.g. 1,2,3 "
-                                   "(default: by colour interpretation, else the first ones)")
+    t.add_argument("--bands", help="raster bands (1-based) in the model's band order, e.g. 1,2,3; "
+                                   "None: by colour interpretation, else the first ones")
     t.add_argument("--extent", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                    help="only this rectangle, in the raster's CRS")
     t.add_argument("--aoi", type=Path, help="only tiles overlapping the polygons of this vector file")

@@ -6,9 +6,10 @@ Stages (each testable alone)::
     reads + nodata fraction) ─► bounded queue ─► Predictor (batched, inference mode) ─►
     TilePrediction stream ─► vectorio.write_predictions (atomic)
 
-Reads: adjacent tiles of a grid row read 1:1 are fetched with one window read (GDAL then
-decodes that row's blocks once, in parallel on GeoTIFFs); resampled tiles are read one by
-one with GDAL's resampling (average when shrinking, bilinear when enlarging).
+Reads: adjacent tiles of a grid row read 1:1 are fetched with one window read; resampled
+tiles are read one by one with GDAL's resampling (average when shrinking, bilinear when
+enlarging). (GDAL's multi-threaded block decoding, ``NUM_THREADS``, was tried: no gain in the
+whole pipeline on 2 cores, 50-100 MB more memory.)
 
 Memory does not grow with the raster: the grid is two offset arrays, at most
 ``workers + 1`` batches are read ahead, GDAL's block cache is capped to the block rows one
@@ -70,8 +71,8 @@ _EARLY_NODATA_CHECK_PIXELS = 2048 * 2048
 class InferenceConfig:
     """How to run the model: tiles per batch, device ("auto", "cpu", "cuda", "cuda:1", "mps")
     and background reader threads (0 reads in the calling thread, without overlap). One
-    reader is right almost always: GeoTIFF blocks are already decoded in parallel inside
-    each read, and every extra reader keeps its own dataset handle and decodes blocks again.
+    reader is right almost always: every extra reader keeps its own dataset handle, and
+    blocks that two readers touch are decoded twice (2 readers read slower than 1 here).
     """
 
     batch_size: int = 32
@@ -333,7 +334,6 @@ class RasterPlan:
     crs: Any
     cache_bytes: int
     nodata_threshold: float
-    driver: str = ""
 
     @property
     def name(self) -> str:
@@ -442,7 +442,7 @@ def plan_raster(raster: str | os.PathLike, package: ModelPackage,
                           resampling=resampling, mask_mode=mask_mode, nodata=nodata,
                           fill=fill, dtype=dtype, crs=dataset.crs,
                           cache_bytes=int(min(max(span, _CACHE_MIN), _CACHE_MAX)),
-                          nodata_threshold=tiling.nodata_threshold, driver=dataset.driver)
+                          nodata_threshold=tiling.nodata_threshold)
         if _region_all_nodata(dataset, plan):
             raise CasdError(f"{name} holds only nodata in the area to classify; check its "
                             "nodata value or the extent/AOI")
@@ -513,9 +513,7 @@ class TileReader:
     def _dataset(self) -> Any:
         dataset = getattr(self._local, "dataset", None)
         if dataset is None:
-            # GeoTIFF: decode the blocks of one read in parallel (GDAL >= 3.6 open option).
-            options = {"NUM_THREADS": os.environ.get("CASD_GDAL_THREADS", str(cpu_threads()))} if self.plan.driver == "GTiff" else {}
-            dataset = rasterio.open(self.plan.path, **options)
+            dataset = rasterio.open(self.plan.path)
             self._local.dataset = dataset
             with self._lock:
                 self._handles.append(dataset)
@@ -533,8 +531,7 @@ class TileReader:
             if len(run) == 1:
                 self._read_window(dataset, tiles[run[0]], out[run[0]])
                 continue
-            # One read for a row of adjacent 1:1 tiles: GDAL decodes its blocks in parallel
-            # (GDAL_NUM_THREADS) and each block once.
+            # One read for a row of adjacent 1:1 tiles, then cut into tiles.
             first, last = tiles[run[0]].window, tiles[run[-1]].window
             strip = np.empty((height, last.col_off + width - first.col_off, len(plan.bands)),
                              dtype=plan.dtype)

@@ -14,7 +14,9 @@ QGIS stores it, as the layer's default, so QGIS opens the layer styled; other fo
 
 from __future__ import annotations
 
+import array
 import contextlib
+import math
 import os
 import re
 import sqlite3
@@ -281,38 +283,44 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # --- writing ---------------------------------------------------------------------------------
 
 class _Columns:
-    """Compact column buffers filled one feature at a time (no per-feature objects kept)."""
+    """Compact column buffers filled one feature at a time: numbers in typed arrays, text as
+    references to shared strings, geometry as WKB (~250 bytes per tile in all)."""
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.fields = fields
         self.geometry: list[bytes] = []
-        self.values: dict[str, list] = {name: [] for name, _ in fields}
+        self.values: dict[str, Any] = {
+            name: [] if kind == "str" else array.array("q" if kind.startswith("int") else "d")
+            for name, kind in fields}
 
     def append(self, geometry: BaseGeometry | bytes, record: dict[str, Any]) -> None:
         self.geometry.append(geometry if isinstance(geometry, bytes) else shapely.to_wkb(geometry))
-        for name, _ in self.fields:
-            self.values[name].append(record.get(name))
+        for name, kind in self.fields:
+            value = record.get(name)
+            if kind == "str":
+                self.values[name].append(value)
+            elif kind.startswith("int"):
+                self.values[name].append(0 if value is None else int(value))
+            else:  # NaN is written as null
+                self.values[name].append(math.nan if value is None else float(value))
 
     def __len__(self) -> int:
         return len(self.geometry)
 
-    def arrays(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray | None]]:
+    def arrays(self) -> tuple[np.ndarray, list[np.ndarray]]:
         geometry = np.empty(len(self.geometry), dtype=object)
         geometry[:] = self.geometry
-        data, masks = [], []
+        data = []
         for name, kind in self.fields:
             values = self.values[name]
-            missing = np.array([v is None for v in values], dtype=bool)
             if kind == "str":
-                array = np.empty(len(values), dtype=object)
-                array[:] = values
-            elif kind.startswith("int"):
-                array = np.array([0 if v is None else v for v in values], dtype=kind)
+                column = np.empty(len(values), dtype=object)
+                column[:] = values
             else:
-                array = np.array([np.nan if v is None else v for v in values], dtype=kind)
-            data.append(array)
-            masks.append(missing if missing.any() and kind != "str" else None)
-        return geometry, data, masks
+                column = np.frombuffer(values, dtype=np.int64 if values.typecode == "q"
+                                       else np.float64).astype(kind)
+            data.append(column)
+        return geometry, data
 
 
 def layer_name_for(path: str | os.PathLike) -> str:
@@ -330,19 +338,26 @@ def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str |
     driver, _ = FORMATS[key]
     layer = layer_name_for(path)
     crs_wkt = crs.to_wkt() if hasattr(crs, "to_wkt") else (str(crs) if crs else None)
-    geometry, data, masks = columns.arrays()
+    geometry, data = columns.arrays()
     qml = qml_style(package) if package is not None else None
-    if qml is not None and key != "gpkg":
-        _write_text_atomic(path.with_suffix(".qml"), qml)
-    with atomic_output(path) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pyogrio.raw.write(str(tmp), geometry, data, [name for name, _ in columns.fields],
-                              field_mask=masks, layer=layer, driver=driver,
-                              geometry_type=geometry_type, crs=crs_wkt,
-                              promote_to_multi=geometry_type.startswith("Multi"))
-        if qml is not None and key == "gpkg":
-            add_gpkg_style(tmp, layer, qml)
+    sidecar = path.with_suffix(".qml") if qml is not None and key != "gpkg" else None
+    new_sidecar = sidecar is not None and not sidecar.exists()
+    if sidecar is not None:  # first, so the layer never appears without its style
+        _write_text_atomic(sidecar, qml)
+    try:
+        with atomic_output(path) as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                pyogrio.raw.write(str(tmp), geometry, data, [name for name, _ in columns.fields],
+                                  layer=layer, driver=driver,
+                                  geometry_type=geometry_type, crs=crs_wkt,
+                                  promote_to_multi=geometry_type.startswith("Multi"))
+            if qml is not None and key == "gpkg":
+                add_gpkg_style(tmp, layer, qml)
+    except BaseException:
+        if new_sidecar:
+            sidecar.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -34,6 +34,9 @@ if [ ! -f "$stamp" ]; then
     }
     pip_install -r requirements.txt
     pip_install --no-deps -e .
+    # Debian's pyproj (pulled in through geopandas by pyogrio) looks for PROJ's data under
+    # sys.prefix, which inside a venv is .venv: point it at Debian's copy.
+    mkdir -p .venv/share && ln -sfn /usr/share/proj .venv/share/proj
     .venv/bin/python -c "import torch, torchvision, rasterio, shapely, pyogrio, safetensors, qgis.core, casd_core"
     rm -f .venv/.installed-*
     touch "$stamp"
