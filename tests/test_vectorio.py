@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sqlite3
@@ -166,7 +165,6 @@ def test_read_aoi(tmp_path):
 
 
 @pytest.mark.qgis
-@pytest.mark.skipif(importlib.util.find_spec("qgis") is None, reason="QGIS bindings not installed")
 def test_geopackage_opens_styled_in_qgis(rasters, tmp_path, package):
     """The real QGIS (in a child process: a QGIS crash cannot take pytest down) opens the
     output as a valid layer in the raster's CRS, with the fields and the categorised style."""
