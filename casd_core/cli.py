@@ -138,13 +138,20 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from casd_core.experiment import load_row, run_row, summary_table
+    from casd_core.experiment import load_row, run_parallel, run_row, summary_table
 
     rows = [load_row(path) for path in args.rows]
-    if not args.summary_only:
+    if args.seeds is not None:
+        for row in rows:
+            row.seeds = args.seeds
+    if args.parallel < 1:
+        raise CasdError("--parallel must be at least 1")
+    if args.parallel > 1 and not args.summary_only:
+        run_parallel(rows, args.runs, args.parallel, args.data, args.device, args.loader_workers)
+    elif not args.summary_only:
         for row in rows:
             print(f"== {row.name}: seeds {row.seeds}")
-            run_row(row, args.runs, args.data, args.device)
+            run_row(row, args.runs, args.data, args.device, workers=args.loader_workers)
     print(summary_table(rows, args.runs))
     return 0
 
@@ -160,6 +167,11 @@ def _add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="where the runs live")
     p.add_argument("--data", type=Path, help="data root the row paths are relative to (default: $CASD_DATA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds instead of the rows' own")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train this many seeds at once, each in its own process (e.g. 4 on one GPU)")
+    p.add_argument("--loader-workers", type=int,
+                   help="data-loading processes per run (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--summary-only", action="store_true", help="only print the table of what is finished")
     p.set_defaults(run=_run_experiment)
 

@@ -26,14 +26,17 @@ CONFUSION_PNG = "confusion_matrix.png"
 
 @torch.inference_mode()
 def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
-                    batch_size: int = 64, monitor: Monitor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted class indices for every image of ``dataset``."""
+                    batch_size: int = 64, monitor: Monitor | None = None,
+                    workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted class indices for every image of ``dataset`` (``workers`` loader
+    processes; by default 8 on CUDA, 1 on CPU where the model needs the cores)."""
     monitor = monitor or Monitor()
     was_training = model.training
     model.eval()
     cuda = device.type == "cuda"
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1) if cuda else 1,
-                        pin_memory=cuda)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if cuda else 1
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=cuda)
     truth, predicted = [], []
     for step, (images, labels) in enumerate(loader):
         monitor.check_cancelled()
@@ -53,9 +56,9 @@ def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch
 
 def evaluate_model(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
                    batch_size: int = 64, with_confusion: bool = False,
-                   monitor: Monitor | None = None) -> dict[str, Any]:
+                   monitor: Monitor | None = None, workers: int | None = None) -> dict[str, Any]:
     """The classification report of ``model`` on ``dataset`` (plus the matrix if asked)."""
-    truth, predicted = predict_dataset(model, dataset, device, batch_size, monitor)
+    truth, predicted = predict_dataset(model, dataset, device, batch_size, monitor, workers)
     confusion = confusion_matrix(truth, predicted, len(dataset.class_names))
     report = classification_report(confusion, dataset.class_names)
     if with_confusion:

@@ -5,13 +5,17 @@ loss) and the list of ``seeds``; ``extends = "base.toml"`` merges a shared base 
 every method of a study shares backbone, input size, epochs, optimiser and augmentation.
 Paths ``data`` and ``split`` are relative to the data root (``$CASD_DATA``). Each seed trains
 into ``<runs>/<row name>/seed<k>/`` and resumes there after an interruption; finished seeds
-are skipped, so a study can be spread over many short sessions.
+are skipped, so a study can be spread over many short sessions. ``run_parallel`` trains several
+seeds at once in child processes (a GPU is rarely saturated by one small-batch run).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,8 @@ from typing import Any
 from casd_core.data import default_data_root
 from casd_core.errors import CasdError
 from casd_core.losses import LossConfig
-from casd_core.package import ModelPackage
 from casd_core.progress import Monitor
-from casd_core.train import METRICS_LOG_NAME, TrainConfig, train
+from casd_core.train import METRICS_LOG_NAME, RESULT_NAME, TrainConfig, train
 
 
 @dataclass
@@ -32,6 +35,13 @@ class Row:
     name: str
     settings: dict[str, Any]
     seeds: list[int]
+    path: Path
+
+    def run_dir(self, runs_dir: Path, seed: int) -> Path:
+        return runs_dir / self.name / f"seed{seed}"
+
+    def finished(self, runs_dir: Path, seed: int) -> bool:
+        return (self.run_dir(runs_dir, seed) / RESULT_NAME).is_file()
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +66,12 @@ def load_row(path: str | Path) -> Row:
     """Read a row file, following ``extends`` chains (the row's own values win)."""
     path = Path(path)
     settings = _load_settings(path)
-    return Row(name=settings.pop("name", path.stem), settings=settings, seeds=list(settings.pop("seeds", [0])))
+    return Row(name=settings.pop("name", path.stem), settings=settings, seeds=list(settings.pop("seeds", [0])),
+               path=path)
 
 
 def train_config(row: Row, seed: int, runs_dir: Path, data_root: Path | None = None,
-                 device: str = "auto") -> TrainConfig:
+                 device: str = "auto", workers: int | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of one seed of ``row``."""
     data_root = data_root or default_data_root()
     settings = dict(row.settings)
@@ -68,29 +79,66 @@ def train_config(row: Row, seed: int, runs_dir: Path, data_root: Path | None = N
     data, split = settings.pop("data", "aid150"), settings.pop("split", None)
     try:
         return TrainConfig(data_root=data_root / data, split_csv=data_root / split if split else None,
-                           out_dir=runs_dir / row.name / f"seed{seed}", seed=seed, loss=loss, device=device,
-                           **settings)
+                           out_dir=row.run_dir(runs_dir, seed), seed=seed, loss=loss, device=device,
+                           **{"workers": workers, **settings})
     except TypeError as exc:
         raise CasdError(f"experiment {row.name!r} has a setting TrainConfig does not know: {exc}") from None
 
 
 def run_row(row: Row, runs_dir: Path, data_root: Path | None = None, device: str = "auto",
-            monitor: Monitor | None = None) -> list[dict[str, Any]]:
-    """Train every seed of ``row`` (resuming/skipping finished ones); one summary per seed."""
-    return [seed_summary(train(train_config(row, seed, runs_dir, data_root, device), monitor).package_path)
-            for seed in row.seeds]
+            monitor: Monitor | None = None, seeds: list[int] | None = None,
+            workers: int | None = None) -> list[dict[str, Any]]:
+    """Train every seed of ``row`` (or only ``seeds``), resuming/skipping finished ones."""
+    for seed in row.seeds if seeds is None else seeds:
+        train(train_config(row, seed, runs_dir, data_root, device, workers), monitor)
+    return [seed_summary(row.run_dir(runs_dir, seed)) for seed in (row.seeds if seeds is None else seeds)]
 
 
-def seed_summary(package_path: Path) -> dict[str, Any]:
-    """Test OA/kappa, training time and throughput of one finished run."""
-    package = ModelPackage.load(package_path)
-    history = [json.loads(line) for line in (package_path.parent / METRICS_LOG_NAME).read_text().splitlines()]
-    test = package.metrics.get("test", {})
+def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path | None = None,
+                 device: str = "auto", workers: int | None = None) -> None:
+    """Train the unfinished seeds of ``rows``, ``parallel`` at a time, each in its own process.
+
+    Jobs start in the order given (rows first to last, seeds in row order), so the rows that
+    matter most finish first when a session ends early. A child's output goes to
+    ``<run dir>/train.log``; failed seeds are listed at the end and can simply be rerun.
+    """
+    pending = [(row, seed) for row in rows for seed in row.seeds if not row.finished(runs_dir, seed)]
+    running: list[tuple[Row, int, subprocess.Popen]] = []
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            row, seed = pending.pop(0)
+            log_path = row.run_dir(runs_dir, seed) / "train.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "casd_core.cli", "experiment", str(row.path), "--seeds", str(seed),
+                       "--runs", str(runs_dir), "--device", device]
+            command += ["--data", str(data_root)] if data_root else []
+            command += ["--loader-workers", str(workers)] if workers is not None else []
+            with log_path.open("a") as log:
+                running.append((row, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+            print(f"started {row.name} seed {seed}", flush=True)
+        time.sleep(1.0)
+        for job in [job for job in running if job[2].poll() is not None]:
+            running.remove(job)
+            row, seed, process = job
+            outcome = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            print(f"{outcome}: {row.name} seed {seed}", flush=True)
+            if process.returncode != 0:
+                failed.append(str(row.run_dir(runs_dir, seed) / "train.log"))
+    if failed:
+        raise CasdError(f"{len(failed)} run(s) failed; see {', '.join(failed)} and run the same command again")
+
+
+def seed_summary(run_dir: Path) -> dict[str, Any]:
+    """Test OA/kappa, best validation OA, training time and throughput of one finished run."""
+    result = json.loads((run_dir / RESULT_NAME).read_text())
+    history = [json.loads(line) for line in (run_dir / METRICS_LOG_NAME).read_text().splitlines()]
+    test = result["metrics"].get("test", {})
     return {
-        "seed": package.training["seed"],
+        "seed": result["seed"],
         "overall_accuracy": test.get("overall_accuracy"),
         "kappa": test.get("kappa"),
-        "val_accuracy": package.metrics["validation"]["overall_accuracy"],
+        "val_accuracy": result["metrics"]["validation"]["overall_accuracy"],
         "train_seconds": sum(entry["epoch_seconds"] for entry in history),
         "images_per_s": statistics.fmean(entry["images_per_s"] for entry in history),
     }
@@ -107,8 +155,7 @@ def summary_table(rows: list[Row], runs_dir: Path) -> str:
     lines = ["| row | method | seeds done | OA % | kappa × 100 | val OA % | train min/seed | images/s |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        done = [seed_summary(p) for seed in row.seeds
-                if (p := runs_dir / row.name / f"seed{seed}" / row.settings.get("package_name", "model.safetensors")).is_file()]
+        done = [seed_summary(row.run_dir(runs_dir, seed)) for seed in row.seeds if row.finished(runs_dir, seed)]
         if not done:
             lines.append(f"| {row.name} | {row.settings.get('method', 'casd')} | 0/{len(row.seeds)} | — | — | — | — | — |")
             continue

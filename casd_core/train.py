@@ -38,6 +38,7 @@ from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
+RESULT_NAME = "result.json"  # written last: its presence marks a finished run
 NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
 
 
@@ -218,6 +219,7 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         params = [{"params": self.model.parameters()},
                   {"params": [p for p in self.loss.parameters() if p.requires_grad], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -227,8 +229,10 @@ class Trainer:
         triplets = TripletDataset(self.data.train, with_positive=self.loss.needs_positive,
                                   with_negative=self.loss.needs_negative)
         workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if self.cuda else 1)
+        self.workers = workers
         self.train_loader = DataLoader(triplets, batch_size=cfg.batch_size, sampler=self.sampler,
-                                       num_workers=workers, pin_memory=self.cuda, drop_last=len(triplets) > cfg.batch_size)
+                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=self.cuda,
+                                       drop_last=len(triplets) > cfg.batch_size)
         self.steps_per_epoch = len(self.train_loader)
         total = self.steps_per_epoch * cfg.epochs
         warmup = max(1, int(cfg.warmup_epochs * self.steps_per_epoch))
@@ -344,7 +348,8 @@ class Trainer:
         log_path = self.cfg.out_dir / METRICS_LOG_NAME
         for epoch in range(self.start_epoch, self.cfg.epochs):
             metrics = self.train_epoch(epoch)
-            val = evaluate_model(self.model, self.data.val, self.device, batch_size=self.cfg.batch_size * 2)
+            val = evaluate_model(self.model, self.data.val, self.device, batch_size=self.cfg.batch_size * 2,
+                                 workers=self.workers)
             metrics.update(epoch=epoch + 1, lr=self.scheduler.get_last_lr()[0],
                            val_accuracy=val["overall_accuracy"], val_kappa=val["kappa"])
             if val["overall_accuracy"] > self.best_val:
@@ -369,7 +374,7 @@ class Trainer:
         if len(self.data.test):
             self.monitor.progress(1.0, "evaluating on the test split")
             report = evaluate_model(self.model, self.data.test, self.device, batch_size=self.cfg.batch_size * 2,
-                                    with_confusion=True)
+                                    with_confusion=True, workers=self.workers)
             write_report(report, self.data.class_names, self.cfg.out_dir)
             metrics["test"] = {k: report[k] for k in ("overall_accuracy", "kappa", "macro_f1", "num_samples")}
         package = ModelPackage(
@@ -385,6 +390,8 @@ class Trainer:
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         )
         path = package.save(self.cfg.out_dir / self.cfg.package_name)
+        _atomic_write_text(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
+                           self.cfg.out_dir / RESULT_NAME)
         return TrainResult(path, metrics)
 
 
