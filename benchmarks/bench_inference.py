@@ -92,11 +92,11 @@ def bench_package(cache: Path) -> Path:
 def worker_bound(cfg: dict) -> dict:
     import torch
 
-    from casd_core import inference
+    from casd_core import runtime
     from casd_core.package import ModelPackage
 
     if cfg["malloc"] == "tuned":
-        assert inference.tune_malloc()
+        assert runtime.tune_malloc()
     model = ModelPackage.load(cfg["package"]).build_model()
     results = []
     for threads in cfg["threads"]:
@@ -157,12 +157,12 @@ def worker_naive(cfg: dict) -> dict:
     import rasterio
     import torch
 
-    from casd_core import inference
+    from casd_core import runtime
     from casd_core.package import ModelPackage
     from casd_core.tiling import TilingConfig, tile_grid
 
     if cfg["malloc"] == "tuned":
-        inference.tune_malloc()
+        runtime.tune_malloc()
     package = ModelPackage.load(cfg["package"])
     model = package.build_model()
     mean = torch.tensor(package.mean).view(3, 1, 1)

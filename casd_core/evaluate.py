@@ -18,6 +18,7 @@ from casd_core.metrics import (classification_report, confusion_matrix, most_con
                                plot_confusion_matrix, save_confusion_csv)
 from casd_core.package import ModelPackage
 from casd_core.progress import Monitor
+from casd_core.runtime import prepare_cpu, resolve_device
 
 REPORT_NAME = "metrics.json"
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -93,8 +94,6 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     Images are prepared exactly as during training's evaluation (resize to the package's
     input size, its normalisation), so the test accuracy recorded at training is reproduced.
     """
-    from casd_core.train import resolve_device
-
     package = ModelPackage.load(package_path)
     splits, class_names = read_split(Path(split_csv), Path(data_root))
     if split not in splits:
@@ -109,6 +108,7 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
     dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
     torch_device = resolve_device(device)
+    prepare_cpu()
     model = package.build_model().to(torch_device)
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -88,10 +88,12 @@ def train_config(row: Row, seed: int, runs_dir: Path, data_root: Path | None = N
 def run_row(row: Row, runs_dir: Path, data_root: Path | None = None, device: str = "auto",
             monitor: Monitor | None = None, seeds: list[int] | None = None,
             workers: int | None = None) -> list[dict[str, Any]]:
-    """Train every seed of ``row`` (or only ``seeds``), resuming/skipping finished ones."""
-    for seed in row.seeds if seeds is None else seeds:
-        train(train_config(row, seed, runs_dir, data_root, device, workers), monitor)
-    return [seed_summary(row.run_dir(runs_dir, seed)) for seed in (row.seeds if seeds is None else seeds)]
+    """Train every seed of ``row`` (or only ``seeds``), resuming unfinished and skipping finished ones."""
+    seeds = row.seeds if seeds is None else seeds
+    for seed in seeds:
+        if not row.finished(runs_dir, seed):  # result.json suffices: weights may live elsewhere
+            train(train_config(row, seed, runs_dir, data_root, device, workers), monitor)
+    return [seed_summary(row.run_dir(runs_dir, seed)) for seed in seeds]
 
 
 def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path | None = None,
@@ -105,28 +107,39 @@ def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path
     pending = [(row, seed) for row in rows for seed in row.seeds if not row.finished(runs_dir, seed)]
     running: list[tuple[Row, int, subprocess.Popen]] = []
     failed: list[str] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            row, seed = pending.pop(0)
-            log_path = row.run_dir(runs_dir, seed) / "train.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "casd_core.cli", "experiment", str(row.path), "--seeds", str(seed),
-                       "--runs", str(runs_dir), "--device", device]
-            command += ["--data", str(data_root)] if data_root else []
-            command += ["--loader-workers", str(workers)] if workers is not None else []
-            with log_path.open("a") as log:
-                running.append((row, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
-            print(f"started {row.name} seed {seed}", flush=True)
-        time.sleep(1.0)
-        for job in [job for job in running if job[2].poll() is not None]:
-            running.remove(job)
-            row, seed, process = job
-            outcome = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-            print(f"{outcome}: {row.name} seed {seed}", flush=True)
-            if process.returncode != 0:
-                failed.append(str(row.run_dir(runs_dir, seed) / "train.log"))
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                row, seed = pending.pop(0)
+                running.append((row, seed, _start_seed(row, seed, runs_dir, data_root, device, workers)))
+                print(f"started {row.name} seed {seed}", flush=True)
+            time.sleep(1.0)
+            for job in [job for job in running if job[2].poll() is not None]:
+                running.remove(job)
+                row, seed, process = job
+                outcome = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                print(f"{outcome}: {row.name} seed {seed}", flush=True)
+                if process.returncode != 0:
+                    failed.append(str(row.run_dir(runs_dir, seed) / "train.log"))
+    finally:  # interrupted: stop the children too (each keeps its last epoch's checkpoint)
+        for _, _, process in running:
+            process.terminate()
+        for _, _, process in running:
+            process.wait()
     if failed:
         raise CasdError(f"{len(failed)} run(s) failed; see {', '.join(failed)} and run the same command again")
+
+
+def _start_seed(row: Row, seed: int, runs_dir: Path, data_root: Path | None, device: str,
+                workers: int | None) -> subprocess.Popen:
+    log_path = row.run_dir(runs_dir, seed) / "train.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "casd_core.cli", "experiment", str(row.path), "--seeds", str(seed),
+               "--runs", str(runs_dir), "--device", device]
+    command += ["--data", str(data_root)] if data_root else []
+    command += ["--loader-workers", str(workers)] if workers is not None else []
+    with log_path.open("a") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def seed_summary(run_dir: Path) -> dict[str, Any]:

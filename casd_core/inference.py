@@ -33,11 +33,9 @@ cores, where a spinning team of threads runs 2-10× slower (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import collections
-import ctypes
 import math
 import os
 import re
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +56,7 @@ from casd_core import vectorio
 from casd_core.errors import Cancelled, CasdError
 from casd_core.package import ModelPackage, default_model_path
 from casd_core.progress import Monitor
+from casd_core.runtime import prepare_cpu, resolve_device
 from casd_core.tiling import Tile, TileGrid, TilingConfig, tile_grid
 
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -84,74 +83,6 @@ class InferenceConfig:
             raise CasdError(f"batch size {self.batch_size} must be at least 1")
         if self.workers < 0:
             raise CasdError(f"workers {self.workers} must be 0 or more")
-
-
-# --- CPU tuning ------------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_malloc_tuned: bool | None = None
-
-
-def tune_malloc() -> bool:
-    """Once per process, tell glibc malloc to keep freed memory instead of returning it.
-
-    Without it, every batch's activations are mmap'd and unmapped again (millions of page
-    faults; batch 32 runs ~2.7× slower on CPU). Same knobs as
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``, set at run
-    time so the CLI and QGIS both get them. The cost: the process keeps its peak heap.
-    ``CASD_MALLOC_TUNING=0`` turns it off. Returns whether the settings are in effect.
-    """
-    global _malloc_tuned
-    if _malloc_tuned is None:
-        _malloc_tuned = False
-        if sys.platform.startswith("linux") and os.environ.get("CASD_MALLOC_TUNING", "1") != "0":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _malloc_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-            except (OSError, AttributeError):  # not glibc
-                _malloc_tuned = False
-    return _malloc_tuned
-
-
-def cpu_threads() -> int:
-    """Cores this process may run on (``OMP_NUM_THREADS`` wins when set)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA if present, else Apple MPS, else CPU; an explicit device must exist."""
-    name = (device or "auto").lower()
-    mps = getattr(torch.backends, "mps", None)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise CasdError(f"device {device!r} is not a device name; use auto, cpu, cuda or "
-                        "cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CasdError(f"device {device!r} was asked for but no CUDA GPU is available; "
-                        "use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is not None \
-            and resolved.index >= torch.cuda.device_count():
-        raise CasdError(f"device {device!r} does not exist: this machine has "
-                        f"{torch.cuda.device_count()} CUDA GPU(s)")
-    if resolved.type == "mps" and not (mps is not None and mps.is_available()):
-        raise CasdError("device 'mps' was asked for but is not available; use --device cpu")
-    if resolved.type not in ("cpu", "cuda", "mps"):
-        raise CasdError(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
-    return resolved
 
 
 class ThreadTuner:
@@ -231,10 +162,7 @@ class Predictor:
         self.package = package
         self.device = resolve_device(device)
         self.name = name or package.backbone
-        tune_malloc()
-        if self.device.type == "cpu" and torch.get_num_threads() > cpu_threads():
-            # More threads than usable cores only thrash; fewer is the caller's choice.
-            torch.set_num_threads(cpu_threads())
+        prepare_cpu()
         model = package.build_model().to(self.device)
         self.channels_last = self.device.type in ("cpu", "cuda")
         if self.channels_last:

@@ -33,6 +33,7 @@ from casd_core.losses import LossConfig, build_loss
 from casd_core.models import build_model, default_normalization
 from casd_core.package import ModelPackage, default_class_colors
 from casd_core.progress import Monitor
+from casd_core.runtime import prepare_cpu, resolve_device
 from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
                                 class_similarity_from_confusion)
 
@@ -97,15 +98,6 @@ class TrainConfig:
 class TrainResult:
     package_path: Path
     metrics: dict[str, Any]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; an explicit device that is absent is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CasdError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -210,6 +202,7 @@ class Trainer:
         self.cfg = cfg
         self.monitor = monitor or Monitor()
         self.device = resolve_device(cfg.device)
+        prepare_cpu()  # ~1.8x faster CASD steps on CPU (benchmarks/bench_training.py)
         self.data = _Data(cfg)
         num_classes = len(self.data.class_names)
         _seed_everything(cfg.seed)

@@ -29,13 +29,22 @@ def test_rows_share_the_base_budget_and_override_only_their_choice() -> None:
     assert fixed.settings["loss"]["label_smoothing"] == casd.settings["loss"]["label_smoothing"]
 
 
-def test_experiment_runs_seeds_then_summarises(shared_data: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
     row = tmp_path / "tiny.toml"
     row.write_text('name = "tiny"\nmethod = "ce"\nsplit = "aid150/split_20.csv"\nepochs = 1\n'
                    'subset_per_class = 3\nbatch_size = 16\nval_fraction = 0.34\nseeds = [0, 1]\n')
     runs = tmp_path / "runs"
-    assert main(["experiment", str(row), "--runs", str(runs), "--data", str(shared_data)]) == 0
-    table = capsys.readouterr().out.splitlines()[-1]
-    assert table.startswith("| tiny | ce | 2/2 | ") and "±" in table
-    assert (runs / "tiny" / "seed1" / "model.safetensors").is_file()
+    argv = ["experiment", str(row), "--runs", str(runs), "--data", str(shared_data), "--parallel", "2",
+            "--loader-workers", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert {"done: tiny seed 0", "done: tiny seed 1"} <= set(out)
+    assert out[-1].startswith("| tiny | ce | 2/2 | ") and "±" in out[-1]
+    for seed in (0, 1):  # each seed trained in its own process, logging to its run folder
+        run = runs / "tiny" / f"seed{seed}"
+        assert (run / "model.safetensors").is_file() and (run / "result.json").is_file()
+        assert "tiny | ce | 1/1" in (run / "train.log").read_text()
+    # finished seeds are not started again
+    assert main(argv) == 0
+    assert not any(line.startswith("started") for line in capsys.readouterr().out.splitlines())

@@ -14,7 +14,7 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from casd_core import inference
+from casd_core import inference, runtime
 from casd_core.errors import Cancelled, CasdError
 from casd_core.inference import (InferenceConfig, Predictor, TileReader, classify_folder,
                                  classify_raster, iter_tile_predictions, plan_raster)
@@ -101,7 +101,7 @@ def naip_collar(naip, tmp_path_factory) -> Path:
 
 
 def test_predictor_outputs_probabilities(predictor, package_path):
-    assert inference.tune_malloc() is True  # glibc on the project's Linux machines
+    assert runtime.tune_malloc() is True  # glibc on the project's Linux machines
     raw = np.random.default_rng(0).integers(0, 256, (5, 3, 64, 64), dtype=np.uint8)
     probs = predictor.predict_raw(raw)
     assert probs.shape == (5, 30) and probs.dtype == torch.float32
@@ -115,16 +115,16 @@ def test_predictor_outputs_probabilities(predictor, package_path):
     # the pipeline's split: host-side staging on a reader thread, then the model
     torch.testing.assert_close(predictor.stage(raw), x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(predictor.predict_staged(predictor.stage(raw)), probs, atol=1e-5, rtol=1e-4)
-    assert predictor.name == "aid_test" and torch.get_num_threads() <= inference.cpu_threads()
+    assert predictor.name == "aid_test" and torch.get_num_threads() <= runtime.cpu_threads()
 
 
 def test_device_errors():
     with pytest.raises(CasdError, match="not a device"):
-        inference.resolve_device("gpu0")
+        runtime.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(CasdError, match="no CUDA GPU"):
-            inference.resolve_device("cuda")
-        assert inference.resolve_device("auto").type in ("cpu", "mps")
+            runtime.resolve_device("cuda")
+        assert runtime.resolve_device("auto").type in ("cpu", "mps")
 
 
 def test_classify_raster_writes_one_feature_per_tile(rasters, predictor, tmp_path):
