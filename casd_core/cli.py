@@ -10,13 +10,16 @@ from pathlib import Path
 from casd_core.errors import CasdError
 
 
-def _band_list(text: str) -> tuple[int, ...]:
+def _parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """``--bands 1,2,3`` as 1-based band numbers (None when not given)."""
+    if not text:
+        return None
     try:
-        bands = tuple(int(part) for part in text.split(","))
+        bands = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1-based band numbers like 1,2,3 but got {text!r}") from None
+        raise CasdError(f"--bands {text!r} is not a list of band numbers; write them like 1,2,3") from None
     if not bands or min(bands) < 1:
-        raise argparse.ArgumentTypeError("band numbers start at 1")
+        raise CasdError(f"--bands {text!r}: band numbers start at 1")
     return bands
 
 
@@ -38,7 +41,7 @@ def _run_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, input_size=args.input_size, val_fraction=args.val_fraction,
         seed=args.seed, negatives=args.negatives, loss=loss, subset_per_class=args.subset_per_class,
         package_name=args.package_name, device=args.device, workers=args.workers,
-        bands=args.bands, value_scale=args.value_scale, gsd_m=args.gsd, tile_footprint_m=args.tile_footprint,
+        bands=_parse_bands(args.bands), value_scale=args.value_scale, gsd_m=args.gsd, tile_footprint_m=args.tile_footprint,
     )
     result = train(cfg)
     test = result.metrics.get("test")
@@ -90,7 +93,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--alpha-target-active", type=float, default=0.1,
                    help="adaptive alpha: share of triplets that should still violate the margin")
     m = p.add_argument_group("imagery, package description and hardware")
-    m.add_argument("--bands", type=_band_list, help="1-based bands of multi-band GeoTIFF chips to train on, e.g. 1,2,3,4")
+    m.add_argument("--bands", help="1-based bands of multi-band GeoTIFF chips to train on, e.g. 1,2,3,4")
     m.add_argument("--value-scale", type=float,
                    help="divide pixel values by this to get [0, 1] (default 255 for uint8; required for uint16)")
     m.add_argument("--gsd", type=float, help="nominal ground sample distance of the training images, metres/pixel")
@@ -246,16 +249,9 @@ def _tiling_from_args(args: argparse.Namespace):
     from casd_core.tiling import TilingConfig
     from casd_core.vectorio import read_aoi
 
-    bands = None
-    if args.bands:
-        try:
-            bands = tuple(int(b) for b in args.bands.replace(" ", "").split(",") if b)
-        except ValueError:
-            raise CasdError(f"--bands {args.bands!r} is not a list of band numbers; "
-                            "write them like 1,2,3") from None
     aoi, aoi_crs = read_aoi(args.aoi) if args.aoi else (None, None)
     return TilingConfig(tile_size=args.tile_size, unit=args.unit, overlap=args.overlap,
-                        stride=args.stride, nodata_threshold=args.nodata_threshold, bands=bands,
+                        stride=args.stride, nodata_threshold=args.nodata_threshold, bands=_parse_bands(args.bands),
                         extent=tuple(args.extent) if args.extent else None, aoi=aoi, aoi_crs=aoi_crs)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from casd_core.atomic import write_text_atomic
 from casd_core.data import SceneDataset, build_transforms, read_split
 from casd_core.errors import CasdError
 from casd_core.metrics import (classification_report, confusion_matrix, most_confused_pairs,
@@ -76,10 +76,7 @@ def write_report(report: dict[str, Any], class_names: list[str], out_dir: Path) 
              "confusion_png": out_dir / CONFUSION_PNG}
     serialisable = {k: v for k, v in report.items() if k != "confusion"}
     serialisable["most_confused"] = most_confused_pairs(confusion, class_names)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(serialisable, handle, indent=2)
-    os.replace(tmp, paths["metrics"])
+    write_text_atomic(json.dumps(serialisable, indent=2), paths["metrics"])
     save_confusion_csv(confusion, class_names, paths["confusion_csv"])
     plot_confusion_matrix(confusion, class_names, paths["confusion_png"],
                           title=f"OA {report['overall_accuracy']:.2%}, kappa {report['kappa']:.3f}")

@@ -7,15 +7,15 @@ Convention: ``confusion[i, j]`` counts samples of true class ``i`` predicted as 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from casd_core.atomic import atomic_path
 
 
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
@@ -91,7 +91,7 @@ def save_confusion_csv(confusion: np.ndarray, class_names: Sequence[str],
     """Write the matrix as CSV: a header of predicted classes, then one row per true class."""
     confusion = _check_confusion(confusion, class_names)
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["true \\ predicted", *class_names])
@@ -155,7 +155,7 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str],
     fig.tight_layout()
 
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -170,18 +170,3 @@ def _check_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.nd
     if confusion.shape != (n, n):
         raise ValueError(f"confusion matrix of shape {confusion.shape} does not match {n} class names")
     return confusion.astype(np.int64, copy=False)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[str]:
-    """A temporary path beside ``path`` that replaces it on success and vanishes on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are reports to share
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

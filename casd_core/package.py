@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from casd_core.atomic import atomic_path
 from casd_core.errors import CasdError
 
 FORMAT_NAME = "casd-model-package"
@@ -110,21 +110,14 @@ class ModelPackage:
     def save(self, path: str | os.PathLike, half: bool = False) -> Path:
         """Write the package atomically (temp file + rename); ``half`` stores fp16 weights."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name, tensor in self.state_dict.items():
             tensor = tensor.detach().cpu().contiguous()
             if half and tensor.is_floating_point():
                 tensor = tensor.half()
             tensors[name] = tensor
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from casd_core.atomic import atomic_path, write_text_atomic
 from casd_core.data import (SceneDataset, band_names, build_transforms, read_image, read_split,
                             scan_class_folders, stratified_validation_split, subset_per_class)
 from casd_core.errors import CasdError
@@ -98,24 +98,6 @@ class TrainConfig:
 class TrainResult:
     package_path: Path
     metrics: dict[str, Any]
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -350,8 +332,9 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.model.state_dict())
             metrics["best_val_accuracy"] = self.best_val
             self.history.append(metrics)
-            _atomic_torch_save(self._checkpoint(epoch), self.checkpoint_path)
-            _atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history), log_path)
+            with atomic_path(self.checkpoint_path) as tmp:
+                torch.save(self._checkpoint(epoch), tmp)
+            write_text_atomic("".join(json.dumps(m) + "\n" for m in self.history), log_path)
             tqdm.write(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {metrics.get('train_total', float('nan')):.4f}"
                        f"  val OA {val['overall_accuracy']:.4f}  ({metrics['images_per_s']:.1f} img/s)")
         return self._finish()
@@ -383,7 +366,7 @@ class Trainer:
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         )
         path = package.save(self.cfg.out_dir / self.cfg.package_name)
-        _atomic_write_text(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
+        write_text_atomic(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
                            self.cfg.out_dir / RESULT_NAME)
         return TrainResult(path, metrics)
 
