@@ -31,3 +31,13 @@ def aid_root(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def rasters(shared_data: Path) -> Path:
     return shared_data / "rasters"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """These tests run small batches on 2 cores shared with other jobs: one thread avoids
+    OpenMP threads spinning against a busy core (see docs/BENCHMARKS.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,7 +23,9 @@ import torch
 
 from casd_core import inference
 from casd_core.cli import main
-from test_inference import NAIP, build_test_package, derive_raster, one_torch_thread  # noqa: F401
+from helpers import NAIP, build_test_package, derive_raster
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = ["--tile-size", "60", "--quiet"]
 

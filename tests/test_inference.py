@@ -1,8 +1,4 @@
-"""Predictor, pipeline and batch runs on the real rasters (a small untrained-head model).
-
-The helpers at the top (a test model package and rasters derived from the real ones for
-cases a real file cannot show) are shared with test_vectorio.py and test_cli_predict.py.
-"""
+"""Predictor, pipeline and batch runs on the real rasters (a small untrained-head model)."""
 
 from __future__ import annotations
 
@@ -12,68 +8,17 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.windows import Window
 
 from casd_core import inference, runtime
 from casd_core.errors import Cancelled, CasdError
 from casd_core.inference import (InferenceConfig, Predictor, TileReader, classify_folder,
                                  classify_raster, iter_tile_predictions, plan_raster)
-from casd_core.package import ModelPackage, default_class_colors
 from casd_core.progress import Monitor
 from casd_core.tiling import TilingConfig
 from casd_core.vectorio import OUTPUT_FIELDS
+from helpers import AID_CLASSES, NAIP, build_test_package, derive_raster
 
-AID_CLASSES = ("Airport BareLand BaseballField Beach Bridge Center Church Commercial "
-               "DenseResidential Desert Farmland Forest Industrial Meadow MediumResidential "
-               "Mountain Park Parking Playground Pond Port RailwayStation Resort River School "
-               "SparseResidential Square Stadium StorageTanks Viaduct").split()
-NAIP = "m_4709963_se_14_1_20200831.tif"
-# Small inputs keep the random-weight EfficientNet-Lite0 fast on 2 shared cores.
-TEST_INPUT_SIZE = 64
-
-
-def build_test_package(path: Path, input_size: int = TEST_INPUT_SIZE) -> Path:
-    """An AID-style package (30 classes, RGB, 120 m tiles): ImageNet trunk (shipped offline),
-    random head. A fully random EfficientNet-Lite0 gives the same output for every input."""
-    from casd_core.models import build_model, default_normalization
-
-    torch.manual_seed(0)
-    mean, std = default_normalization("efficientnet_lite0", 3)
-    package = ModelPackage(
-        backbone="efficientnet_lite0", class_names=list(AID_CLASSES),
-        class_colors=default_class_colors(list(AID_CLASSES)), bands=["red", "green", "blue"],
-        input_size=input_size, mean=mean, std=std, tile_footprint_m=120.0,
-        state_dict=build_model("efficientnet_lite0", len(AID_CLASSES), pretrained="imagenet").state_dict())
-    return package.save(path)
-
-
-def derive_raster(source: Path, out: Path, *, window: Window | None = None, bands=None,
-                  edit=None, **profile_changes) -> Path:
-    """A GeoTIFF made from a real raster: cropped, band-selected, edited, re-described."""
-    with rasterio.open(source) as src:
-        window = window or Window(0, 0, src.width, src.height)
-        bands = bands or list(range(1, src.count + 1))
-        data = src.read(bands, window=window)
-        profile = src.profile | {"width": int(window.width), "height": int(window.height),
-                                 "count": len(bands), "transform": src.window_transform(window),
-                                 "compress": "deflate", "photometric": "minisblack",
-                                 "tiled": True, "blockxsize": 256, "blockysize": 256}
-    profile.update(profile_changes)
-    if edit is not None:
-        data = edit(data)
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tests run small batches on 2 cores shared with other jobs: one thread avoids
-    OpenMP threads spinning against a busy core (see docs/BENCHMARKS.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,9 @@ from casd_core.package import ModelPackage
 from casd_core.tiling import TilingConfig
 from casd_core.vectorio import (DISSOLVED_FIELDS, OUTPUT_FIELDS, qml_style, read_aoi,
                                 remove_stale_partials, write_predictions)
-from test_inference import AID_CLASSES, build_test_package, one_torch_thread  # noqa: F401
+from helpers import AID_CLASSES, build_test_package
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RD_NEW = CRS.from_epsg(28992)
 
