@@ -319,7 +319,9 @@ class Trainer:
         package_path = self.cfg.out_dir / self.cfg.package_name
         if self.start_epoch >= self.cfg.epochs and package_path.is_file():
             tqdm.write(f"{package_path} is already trained; nothing to do")
-            return TrainResult(package_path, ModelPackage.load(package_path).metrics)
+            metrics = ModelPackage.load(package_path).metrics
+            self._write_result(metrics)  # runs finished before result.json existed get one too
+            return TrainResult(package_path, metrics)
         log_path = self.cfg.out_dir / METRICS_LOG_NAME
         for epoch in range(self.start_epoch, self.cfg.epochs):
             metrics = self.train_epoch(epoch)
@@ -366,9 +368,12 @@ class Trainer:
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         )
         path = package.save(self.cfg.out_dir / self.cfg.package_name)
-        write_text_atomic(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
-                           self.cfg.out_dir / RESULT_NAME)
+        self._write_result(metrics)
         return TrainResult(path, metrics)
+
+    def _write_result(self, metrics: dict[str, Any]) -> None:
+        write_text_atomic(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
+                          self.cfg.out_dir / RESULT_NAME)
 
 
 def train(cfg: TrainConfig, monitor: Monitor | None = None) -> TrainResult:

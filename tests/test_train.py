@@ -115,7 +115,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> 
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     first_epoch = log.read_text().splitlines()[0]
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists() and not (out / "result.json").exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -125,6 +125,12 @@ def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> 
     assert lines[0] == first_epoch
     assert ModelPackage.load(out / "model.safetensors").metrics["validation"]["best_epoch"] in (1, 2)
     assert not list(out.glob(".*.tmp"))
+    # a finished run is marked by result.json; a run trained before it existed gets one on rerun
+    result = (out / "result.json").read_text()
+    (out / "result.json").unlink()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already trained" in again.stdout + again.stderr
+    assert (out / "result.json").read_text() == result
 
 
 def test_four_band_geotiff_chips_train_and_evaluate(rasters: Path, tmp_path: Path,
