@@ -203,8 +203,7 @@ class Trainer:
                                       seed=cfg.seed)
         triplets = TripletDataset(self.data.train, with_positive=self.loss.needs_positive,
                                   with_negative=self.loss.needs_negative)
-        workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if self.cuda else 1)
-        self.workers = workers
+        self.workers = workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if self.cuda else 1)
         self.train_loader = DataLoader(triplets, batch_size=cfg.batch_size, sampler=self.sampler,
                                        num_workers=workers, persistent_workers=workers > 0, pin_memory=self.cuda,
                                        drop_last=len(triplets) > cfg.batch_size)
