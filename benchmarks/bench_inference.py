@@ -125,18 +125,16 @@ def own_rss_mb() -> float:
 
 
 def worker_pipeline(cfg: dict) -> dict:
-    from casd_core.inference import InferenceConfig, Predictor, classify_raster, parse_tile_progress
-    from casd_core.progress import Monitor
+    from casd_core.inference import InferenceConfig, Predictor, classify_raster
+    from casd_core.progress import Monitor, ProgressEvent
     from casd_core.tiling import TilingConfig
 
     rss_at: dict[str, float] = {}
 
-    def sample(fraction: float, message: str) -> None:  # this process's RSS along the run
-        done_total = parse_tile_progress(message)
-        if done_total:
-            for mark in (0.1, 0.5, 1.0):
-                if done_total[0] >= mark * done_total[1] and f"{mark:.0%}" not in rss_at:
-                    rss_at[f"{mark:.0%}"] = own_rss_mb()
+    def sample(event: ProgressEvent) -> None:  # this process's RSS along the run
+        for mark in (0.1, 0.5, 1.0):
+            if event.done >= mark * event.total and f"{mark:.0%}" not in rss_at:
+                rss_at[f"{mark:.0%}"] = own_rss_mb()
 
     start = time.perf_counter()
     predictor = Predictor.from_package(cfg["package"], device="cpu")

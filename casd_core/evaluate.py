@@ -48,7 +48,7 @@ def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch
             logits = model(images)
         truth.append(labels.numpy())
         predicted.append(logits.argmax(1).cpu().numpy())
-        monitor.progress((step + 1) / len(loader), "evaluating")
+        monitor.report("batches", step + 1, len(loader), item="evaluating")
     model.train(was_training)
     if not truth:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)

@@ -1,5 +1,5 @@
-"""Where and how a process computes: device choice and CPU tuning shared by training,
-evaluation and inference."""
+"""Where and how a process computes: device choice and CPU tuning (malloc, thread count, the
+adaptive thread tuner) shared by training, evaluation and inference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -61,19 +61,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(name)
     except RuntimeError:
-        raise CasdError(f"device {device!r} is not a device name; use auto, cpu, cuda or "
-                        "cuda:N") from None
+        raise CasdError(f"{param('device')} {device!r} is not a device name; use auto, cpu, "
+                        "cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CasdError(f"device {device!r} was asked for but no CUDA GPU is available; "
-                        "use --device cpu or auto")
+        raise CasdError(f"{param('device')} {device!r} was asked for but no CUDA GPU is "
+                        "available; use cpu or auto")
     if resolved.type == "cuda" and resolved.index is not None \
             and resolved.index >= torch.cuda.device_count():
-        raise CasdError(f"device {device!r} does not exist: this machine has "
+        raise CasdError(f"{param('device')} {device!r} does not exist: this machine has "
                         f"{torch.cuda.device_count()} CUDA GPU(s)")
     if resolved.type == "mps" and not (mps is not None and mps.is_available()):
-        raise CasdError("device 'mps' was asked for but is not available; use --device cpu")
+        raise CasdError(f"{param('device')} 'mps' was asked for but is not available; use cpu")
     if resolved.type not in ("cpu", "cuda", "mps"):
-        raise CasdError(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
+        raise CasdError(f"{param('device')} {device!r} is not supported; use auto, cpu, cuda or mps")
     return resolved
 
 
@@ -82,3 +82,62 @@ def prepare_cpu() -> None:
     tune_malloc()
     if torch.get_num_threads() > cpu_threads():
         torch.set_num_threads(cpu_threads())
+
+
+class ThreadTuner:
+    """Chooses, on CPU, between the threads torch was given and a single thread, by the
+    model's measured speed, and re-checks now and then.
+
+    OpenMP threads spin while they wait for each other at every layer: on an idle machine
+    that is the fastest way to run (the benchmark's bound), but when another process needs
+    a core, one preempted thread stalls the whole team and a batch runs 2-10× slower than on
+    one thread. After a warm-up batch the full team is timed on ``probe`` batches, then one
+    thread; the faster is kept (the other must win by 10%), and every ``period`` batches the
+    other setting is timed again, so a run follows the machine's load. :meth:`restore` puts
+    torch's thread count back.
+    """
+
+    def __init__(self, enabled: bool = True, period: int = 48, probe: int = 3) -> None:
+        self.full = torch.get_num_threads()
+        self.options = [self.full, 1] if enabled and self.full > 1 else [self.full]
+        self.period, self.probe = period, probe
+        self.rates: dict[int, float] = {}
+        self.current = self.full
+        self._batches = 0
+        self._since_probe = 0
+        self._window: list[tuple[int, float]] = []  # (tiles, seconds) at self.current
+
+    def record(self, tiles: int, seconds: float) -> None:
+        """Account one batch run at the current setting; switch setting when due."""
+        self._batches += 1
+        if len(self.options) == 1 or self._batches == 1:  # the first batch warms up
+            return
+        self._window.append((tiles, seconds))
+        if len(self._window) < self.probe:
+            return
+        rate = sum(n for n, _ in self._window) / max(sum(t for _, t in self._window), 1e-9)
+        self._window = []
+        self.rates[self.current] = rate
+        other = self.options[1] if self.current == self.options[0] else self.options[0]
+        if other not in self.rates:
+            self._use(other)  # first comparison
+            return
+        best = max(self.rates, key=self.rates.get)
+        if best != self.current and self.rates[best] < 1.1 * self.rates[self.current]:
+            best = self.current
+        self._since_probe += self.probe
+        if best != self.current:
+            self._use(best)
+        elif self._since_probe >= self.period:
+            self._since_probe = 0
+            del self.rates[other]  # stale: measure it again
+            self._use(other)
+
+    def _use(self, threads: int) -> None:
+        self.current = threads
+        torch.set_num_threads(threads)
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.full:
+            torch.set_num_threads(self.full)
+

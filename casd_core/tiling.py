@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 UNITS = ("m", "px")
 
@@ -71,31 +71,32 @@ class TilingConfig:
     def validate(self) -> None:
         """Raise :class:`CasdError` for a setting that cannot mean anything."""
         if self.unit not in UNITS:
-            raise CasdError(f"tile unit {self.unit!r} is not one of {', '.join(UNITS)}; "
+            raise CasdError(f"{param('unit')} {self.unit!r} is not one of {', '.join(UNITS)}; "
                             "use 'm' for metres or 'px' for pixels")
         if self.tile_size is not None and not (self.tile_size > 0 and math.isfinite(self.tile_size)):
-            raise CasdError(f"tile size {self.tile_size} must be a positive number")
+            raise CasdError(f"{param('tile_size')} {self.tile_size} must be a positive number")
         if self.stride is not None and not (self.stride > 0 and math.isfinite(self.stride)):
-            raise CasdError(f"stride {self.stride} must be a positive number")
+            raise CasdError(f"{param('stride')} {self.stride} must be a positive number")
         if not 0.0 <= self.overlap < 1.0:
-            raise CasdError(f"overlap {self.overlap} must be a fraction in [0, 1), e.g. 0.25")
+            raise CasdError(f"{param('overlap')} {self.overlap} must be a fraction in [0, 1), e.g. 0.25")
         if not 0.0 <= self.nodata_threshold <= 1.0:
-            raise CasdError(f"nodata threshold {self.nodata_threshold} must be a fraction in [0, 1]")
+            raise CasdError(f"{param('nodata_threshold')} {self.nodata_threshold} must be a fraction "
+                            "in [0, 1]")
         if self.bands is not None:
             if len(self.bands) == 0 or any(int(b) != b or b < 1 for b in self.bands):
-                raise CasdError(f"bands {self.bands} must be 1-based band numbers, e.g. 1,2,3")
+                raise CasdError(f"{param('bands')} {self.bands} must be 1-based band numbers, e.g. 1,2,3")
         if self.extent is not None:
             if len(self.extent) != 4:
-                raise CasdError("extent must be four numbers: xmin ymin xmax ymax")
+                raise CasdError(f"{param('extent')} must be four numbers: xmin ymin xmax ymax")
             xmin, ymin, xmax, ymax = self.extent
             if not (xmin < xmax and ymin < ymax):
-                raise CasdError(f"extent {tuple(self.extent)} is empty; give xmin ymin xmax ymax "
-                                "with xmin < xmax and ymin < ymax")
+                raise CasdError(f"{param('extent')} {tuple(self.extent)} is empty; give xmin ymin "
+                                "xmax ymax with xmin < xmax and ymin < ymax")
         if self.aoi is not None:
             if not isinstance(self.aoi, BaseGeometry) or self.aoi.is_empty:
-                raise CasdError("the AOI is empty or not a geometry; pass a polygon layer")
+                raise CasdError(f"the {param('aoi')} is empty or not a geometry; pass a polygon layer")
             if self.aoi.area <= 0:
-                raise CasdError("the AOI has no area; pass a polygon layer")
+                raise CasdError(f"the {param('aoi')} has no area; pass a polygon layer")
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,8 @@ def resolve_tile_size(tiling: TilingConfig, package: Any | None) -> tuple[float,
         if package.gsd_m:
             return float(package.input_size * package.gsd_m), "m"
         return float(package.input_size), "px"
-    raise CasdError("no tile size given and no model package to take one from; pass --tile-size")
+    raise CasdError(f"no tile size given and no model package to take one from; set the "
+                    f"{param('tile_size')}")
 
 
 def tile_grid(raster: str | os.PathLike | rasterio.io.DatasetReader, tiling: TilingConfig,
@@ -276,7 +278,7 @@ def tile_grid(raster: str | os.PathLike | rasterio.io.DatasetReader, tiling: Til
     if unit == "m":
         if px_m is None:
             raise CasdError(f"the CRS of {name} has no known ground unit, so a tile size in "
-                            "metres cannot be used; give it in pixels (--unit px)")
+                            f"metres cannot be used; set the {param('unit')} to pixels")
         tile_w, tile_h = (max(1, round(size / px_m[0])), max(1, round(size / px_m[1])))
         if stride is not None:
             stride_w, stride_h = (max(1, round(stride / px_m[0])), max(1, round(stride / px_m[1])))
@@ -296,7 +298,7 @@ def tile_grid(raster: str | os.PathLike | rasterio.io.DatasetReader, tiling: Til
         what = "raster" if region.width == dataset.width and region.height == dataset.height \
             else "processed area (extent/AOI) of"
         raise CasdError(f"the {what} {name} is {int(region.width)}×{int(region.height)} px, "
-                        f"smaller than one tile ({size_text}); pass a smaller --tile-size")
+                        f"smaller than one tile ({size_text}); choose a smaller {param('tile_size')}")
     rows, shifted_r = grid_offsets(int(region.row_off), int(region.height), tile_h, stride_h)
     cols, shifted_c = grid_offsets(int(region.col_off), int(region.width), tile_w, stride_w)
     ground = (tile_w * px_m[0], tile_h * px_m[1]) if px_m is not None else None

@@ -3,34 +3,31 @@
 Every file is written atomically: features go to a hidden partial file beside the target
 (``.<stem>.casd-partial-<pid><suffix>``), the style is added, and only then is it renamed to
 the target name. A crash or cancel therefore leaves either no target file or the previous
-complete one, never a file that looks complete; :func:`remove_stale_partials` sweeps partial
-files whose writer process is gone.
+complete one, never a file that looks complete (:mod:`casd_core.atomic`).
 
-The style is a categorised renderer on ``class_name`` with the package's colours and class
-names (:func:`qml_style`). In a GeoPackage it is stored in the ``layer_styles`` table the way
-QGIS stores it, as the layer's default, so QGIS opens the layer styled; other formats get a
-``.qml`` file of the same stem beside them, which QGIS loads as the default style too.
+The style (:mod:`casd_core.style`) is stored in a GeoPackage's ``layer_styles`` table as the
+layer's default, so QGIS opens the layer styled; other formats get a ``.qml`` file of the
+same stem beside them, which QGIS loads as the default style too.
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
 import math
 import os
 import re
-import sqlite3
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from casd_core.errors import CasdError
+from casd_core.atomic import atomic_output, partial_path, write_text_atomic
+from casd_core.errors import CasdError, param
+from casd_core.style import add_gpkg_style, qml_style
 
 # (name, type) of every per-tile field, in the order written. ``margin`` is top-1 minus top-2
 # probability (0 = a coin toss between two classes); ``entropy`` is the Shannon entropy of the
@@ -75,10 +72,6 @@ FORMATS: dict[str, tuple[str, str]] = {
 _SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
 _FORMAT_ALIASES = {"flatgeobuf": "fgb", "json": "geojson", "geopackage": "gpkg"}
 
-PARTIAL_MARK = ".casd-partial-"
-_PARTIAL_RE = re.compile(r"^\..+\.casd-partial-(\d+)(\.[A-Za-z0-9]+)?(-wal|-shm|-journal)?$")
-
-
 def _pyogrio():
     # pyogrio imports pyproj when present; Debian's system pyproj (seen through the QGIS venv's
     # system site-packages) warns that it has no PROJ data. pyogrio never needs it here.
@@ -94,12 +87,12 @@ def resolve_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     if fmt:
         key = _FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
         if key not in FORMATS:
-            raise CasdError(f"output format {fmt!r} is not one of {', '.join(FORMATS)}")
+            raise CasdError(f"{param('format')} {fmt!r} is not one of {', '.join(FORMATS)}")
         return key
     key = _SUFFIXES.get(Path(path).suffix.lower())
     if key is None:
         raise CasdError(f"cannot tell the output format from {Path(path).name!r}; end the name "
-                        "with .gpkg, .geojson or .fgb, or pass --format")
+                        f"with .gpkg, .geojson or .fgb, or choose the {param('format')}")
     return key
 
 
@@ -109,7 +102,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".{path.name}{PARTIAL_MARK}{os.getpid()}.probe"
+        probe = partial_path(path).with_suffix(".probe")
         probe.touch()
         probe.unlink()
     except OSError as exc:
@@ -119,165 +112,6 @@ def check_writable(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise CasdError(f"output {path} is a folder; give a file name such as {path / 'out.gpkg'}")
     return path
-
-
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is written before the atomic rename."""
-    return path.with_name(f".{path.stem}{PARTIAL_MARK}{os.getpid()}{path.suffix}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a partial path to write; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    tmp = partial_path(path)
-    _remove_with_aux(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        _remove_with_aux(tmp)
-
-
-def _remove_with_aux(path: Path) -> None:
-    for candidate in (path, *(Path(f"{path}{aux}") for aux in ("-wal", "-shm", "-journal"))):
-        with contextlib.suppress(FileNotFoundError):
-            candidate.unlink()
-
-
-def remove_stale_partials(folder: str | os.PathLike) -> int:
-    """Delete partial files (under ``folder``) whose writing process no longer runs."""
-    removed = 0
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for candidate in folder.rglob(f".*{PARTIAL_MARK}*"):
-        match = _PARTIAL_RE.match(candidate.name)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            candidate.unlink()
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# --- style -----------------------------------------------------------------------------------
-
-def _rgba(color: str, alpha: int = 255) -> str:
-    value = color.lstrip("#")
-    if len(value) == 3:
-        value = "".join(c * 2 for c in value)
-    try:
-        r, g, b = (int(value[i:i + 2], 16) for i in (0, 2, 4))
-    except ValueError:
-        r, g, b = 128, 128, 128
-    return f"{r},{g},{b},{alpha}"
-
-
-def _fill_symbol(name: str, color: str) -> str:
-    props = {
-        "border_width_map_unit_scale": "3x:0,0,0,0,0,0",
-        "color": _rgba(color),
-        "joinstyle": "bevel",
-        "offset": "0,0",
-        "offset_map_unit_scale": "3x:0,0,0,0,0,0",
-        "offset_unit": "MM",
-        "outline_color": "255,255,255,140",
-        "outline_style": "solid",
-        "outline_width": "0.1",
-        "outline_width_unit": "MM",
-        "style": "solid",
-    }
-    options = "\n".join(f'            <Option name="{k}" type="QString" value="{v}"/>'
-                        for k, v in props.items())
-    legacy = "\n".join(f'          <prop k="{k}" v="{v}"/>' for k, v in props.items())
-    return f"""      <symbol alpha="0.7" clip_to_extent="1" force_rhr="0" name="{name}" type="fill">
-        <layer class="SimpleFill" enabled="1" locked="0" pass="0">
-          <Option type="Map">
-{options}
-          </Option>
-{legacy}
-        </layer>
-      </symbol>"""
-
-
-def qml_style(package: Any) -> str:
-    """A QGIS 3 style (QML): categorised on ``class_name``, one category per package class."""
-    categories = "\n".join(
-        f"      <category render=\"true\" symbol=\"{i}\" value={quoteattr(name)} "
-        f"label={quoteattr(name)}/>"
-        for i, name in enumerate(package.class_names))
-    symbols = "\n".join(_fill_symbol(str(i), color)
-                        for i, color in enumerate(package.class_colors))
-    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis styleCategories="Symbology" version="3.22.0">
-  <renderer-v2 attr="class_name" enableorderby="0" forceraster="0" symbollevels="0" type="categorizedSymbol">
-    <categories>
-{categories}
-    </categories>
-    <symbols>
-{symbols}
-    </symbols>
-    <source-symbol>
-{_fill_symbol("0", "#9e9e9e")}
-    </source-symbol>
-    <rotation/>
-    <sizescale/>
-  </renderer-v2>
-  <blendMode>0</blendMode>
-  <featureBlendMode>0</featureBlendMode>
-  <layerGeometryType>2</layerGeometryType>
-</qgis>
-"""
-
-
-_LAYER_STYLES_SQL = """CREATE TABLE IF NOT EXISTS layer_styles (
-    id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
-    f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),
-    f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,
-    useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
-    update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"""
-
-
-def add_gpkg_style(path: str | os.PathLike, layer: str, qml: str,
-                   description: str = "CASD scene classes") -> None:
-    """Store ``qml`` as the default style of ``layer`` in the GeoPackage's ``layer_styles``."""
-    con = sqlite3.connect(str(path))
-    try:
-        with con:
-            row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?",
-                              (layer,)).fetchone()
-            geometry_column = row[0] if row else "geom"
-            con.execute(_LAYER_STYLES_SQL)
-            con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (layer,))
-            con.execute(
-                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
-                "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
-                "owner, ui) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', NULL)",
-                (layer, geometry_column, layer, qml, description))
-            con.execute(
-                "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, "
-                "description, last_change) VALUES ('layer_styles', 'attributes', 'layer_styles', "
-                "'', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
-    finally:
-        con.close()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -343,7 +177,7 @@ def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str |
     sidecar = path.with_suffix(".qml") if qml is not None and key != "gpkg" else None
     new_sidecar = sidecar is not None and not sidecar.exists()
     if sidecar is not None:  # first, so the layer never appears without its style
-        _write_text_atomic(sidecar, qml)
+        write_text_atomic(qml, sidecar)
     try:
         with atomic_output(path) as tmp:
             with warnings.catch_warnings():

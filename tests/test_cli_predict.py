@@ -21,7 +21,7 @@ from rasterio.windows import Window
 from safetensors.torch import save_file
 import torch
 
-from casd_core import inference
+from casd_core.inference import raster as raster_planning
 from casd_core.cli import main
 from helpers import NAIP, build_test_package, derive_raster
 
@@ -106,7 +106,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path, rasters, model, bad, case, 
 
 def test_all_nodata_found_after_reading_on_big_rasters(capsys, tmp_path, bad, model, monkeypatch):
     # large rasters skip the up-front check: every tile is read, skipped, then the same refusal
-    monkeypatch.setattr(inference, "_EARLY_NODATA_CHECK_PIXELS", 0)
+    monkeypatch.setattr(raster_planning, "_EARLY_NODATA_CHECK_PIXELS", 0)
     out = tmp_path / "nodata.gpkg"
     code, _, stderr = _run(capsys, ["predict", str(bad["all_nodata"]), "-m", str(model),
                                     "-o", str(out), "--tile-size", "1200", "--quiet"])

@@ -9,7 +9,7 @@ import pytest
 import rasterio
 import torch
 
-from casd_core import inference, runtime
+from casd_core import runtime
 from casd_core.errors import Cancelled, CasdError
 from casd_core.inference import (InferenceConfig, Predictor, TileReader, classify_folder,
                                  classify_raster, iter_tile_predictions, plan_raster)
@@ -139,7 +139,7 @@ def test_thread_tuner_follows_the_faster_setting(monkeypatch):
     calls = [2]
     monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1])
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    tuner = inference.ThreadTuner(period=12, probe=2)
+    tuner = runtime.ThreadTuner(period=12, probe=2)
     def run(seconds: dict[int, float], batches: int) -> list[int]:
         used = []
         for _ in range(batches):
@@ -153,7 +153,7 @@ def test_thread_tuner_follows_the_faster_setting(monkeypatch):
     assert used[-50:].count(1) >= 0.8 * 50
     tuner.restore()
     assert calls[-1] == 2
-    assert inference.ThreadTuner(enabled=False).options == [2]
+    assert runtime.ThreadTuner(enabled=False).options == [2]
 
 
 def test_reads_are_bounded_and_overlapped(naip, predictor, monkeypatch):
@@ -229,7 +229,7 @@ def test_band_mapping_on_naip(naip, predictor, tmp_path):
 
 def test_cancel_leaves_no_output(rasters, predictor, tmp_path):
     calls = []
-    monitor = Monitor(on_progress=lambda f, m: calls.append(f), is_cancelled=lambda: len(calls) > 1)
+    monitor = Monitor(on_progress=calls.append, is_cancelled=lambda: len(calls) > 1)
     out = tmp_path / "cancelled.gpkg"
     with pytest.raises(Cancelled):
         classify_raster(rasters / "test_tiled.tif", out, predictor,
@@ -278,13 +278,12 @@ def test_batch_killed_midway_then_rerun(batch_folder, predictor, tmp_path):
     out = tmp_path / "out"
     finished = []
 
-    def stop_after_first_file(fraction, message):
-        if "tiles" not in message:
+    def stop_after_first_file(event):
+        if event.stage != "tiles":
             return
-        done, total = inference.parse_tile_progress(message)
-        if done == total:
-            finished.append(message)
-        if len(finished) == 1 and done < total:  # second raster under way: "kill"
+        if event.done == event.total:
+            finished.append(event.item)
+        if len(finished) == 1 and event.done < event.total:  # second raster under way: "kill"
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -22,8 +22,9 @@ from casd_core.errors import CasdError
 from casd_core.inference import TilePrediction, classify_raster
 from casd_core.package import ModelPackage
 from casd_core.tiling import TilingConfig
-from casd_core.vectorio import (DISSOLVED_FIELDS, OUTPUT_FIELDS, qml_style, read_aoi,
-                                remove_stale_partials, write_predictions)
+from casd_core.atomic import remove_stale_partials
+from casd_core.style import qml_style
+from casd_core.vectorio import DISSOLVED_FIELDS, OUTPUT_FIELDS, read_aoi, write_predictions
 from helpers import AID_CLASSES, build_test_package
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

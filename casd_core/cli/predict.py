@@ -1,0 +1,160 @@
+"""``casd predict`` and ``casd batch``: label rasters tile by tile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from casd_core.cli.common import HelpFormatter, default_of, parse_bands
+from casd_core.errors import CasdError, param
+from casd_core.inference import InferenceConfig
+from casd_core.progress import ProgressEvent
+from casd_core.tiling import TilingConfig
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="label a raster tile by tile and write the grid as a vector layer",
+        description="Slide a window over a georeferenced raster, classify each tile and write one "
+                    "polygon per tile (class, score, uncertainty, top-3) in the raster's CRS, styled "
+                    "for QGIS. The output is written atomically: an interrupted run leaves no file.",
+        formatter_class=HelpFormatter)
+    p.add_argument("raster", type=Path, help="georeferenced raster (GeoTIFF, ...)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output layer: .gpkg (default format), .geojson or .fgb")
+    p.add_argument("--format", choices=["gpkg", "geojson", "fgb"],
+                   help="output format (default: from the output's suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    _add_inference_arguments(p)
+    p.set_defaults(run=_run_predict, parser=p)
+
+
+def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "batch", help="label every raster of a folder (resumable)",
+        description="Run `casd predict` over every *.tif/*.tiff of a folder (recursively), one output "
+                    "per raster under OUTDIR (sub-folders mirrored). Rasters whose output exists are "
+                    "skipped, so rerunning after an interruption resumes. A raster that fails is "
+                    "reported and the batch goes on; the exit code is 1 if any failed.",
+        formatter_class=HelpFormatter)
+    p.add_argument("folder", type=Path, help="folder of rasters")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                   help="output folder (created if needed)")
+    p.add_argument("--format", choices=["gpkg", "geojson", "fgb"], default="gpkg", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="redo rasters whose output exists")
+    p.add_argument("--no-recursive", action="store_true", help="only the folder itself, not sub-folders")
+    p.add_argument("--merged", action="store_true",
+                   help="also write OUTDIR/merged.<format>: every tile of every raster, with a 'source' field")
+    _add_inference_arguments(p)
+    p.set_defaults(run=_run_batch, parser=p)
+
+
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    tiling, run = (lambda name: default_of(TilingConfig, name)), (lambda name: default_of(InferenceConfig, name))
+    p.add_argument("-m", "--model", type=Path,
+                   help="model package (.safetensors); default: the embedded AID model")
+    t = p.add_argument_group("tiling")
+    t.add_argument("--tile-size", type=float,
+                   help="tile size in --unit; default: the model's recommended ground footprint")
+    t.add_argument("--unit", choices=["m", "px"], default=tiling("unit"),
+                   help="unit of --tile-size and --stride: metres on the ground or raster pixels")
+    t.add_argument("--overlap", type=float, default=tiling("overlap"),
+                   help="overlap between tiles, fraction of a tile")
+    t.add_argument("--stride", type=float, help="step between tiles in --unit (overrides --overlap)")
+    t.add_argument("--nodata-threshold", type=float, default=tiling("nodata_threshold"),
+                   help="tiles with a larger nodata fraction get no label")
+    t.add_argument("--bands", help="raster bands (1-based) in the model's band order, e.g. 1,2,3; "
+                                   "default: by colour interpretation, else the first ones")
+    t.add_argument("--extent", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="only this rectangle, in the raster's CRS")
+    t.add_argument("--aoi", type=Path, help="only tiles overlapping the polygons of this vector file")
+    t.add_argument("--dissolve", action="store_true",
+                   help="merge adjacent tiles of the same class into region polygons")
+    r = p.add_argument_group("hardware")
+    r.add_argument("--batch-size", type=int, default=run("batch_size"), help="tiles per model call")
+    r.add_argument("--device", default=run("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=run("workers"),
+                   help="background threads reading tiles while the model runs (0: no overlap)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _tiling_from_args(args: argparse.Namespace) -> TilingConfig:
+    from casd_core.vectorio import read_aoi
+
+    aoi, aoi_crs = read_aoi(args.aoi) if args.aoi else (None, None)
+    return TilingConfig(tile_size=args.tile_size, unit=args.unit, overlap=args.overlap,
+                        stride=args.stride, nodata_threshold=args.nodata_threshold, bands=parse_bands(args.bands),
+                        extent=tuple(args.extent) if args.extent else None, aoi=aoi, aoi_crs=aoi_crs)
+
+
+def _inference_from_args(args: argparse.Namespace) -> InferenceConfig:
+    return InferenceConfig(batch_size=args.batch_size, device=args.device, workers=args.workers)
+
+
+class _ProgressBar:
+    """Renders :class:`ProgressEvent` as a tqdm bar, one per (item, stage): one bar for a
+    raster, a short-lived bar per raster of a folder. Folder-level "rasters" events are left
+    to the summary table printed at the end."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.key: tuple[str, str] | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.quiet or event.stage == "rasters":
+            return
+        key = (event.item, event.stage)
+        if self.bar is None or key != self.key or event.total != self.bar.total:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=event.total, unit=event.stage.rstrip("s"), desc=event.item or None,
+                            leave=not event.item, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+            self.key = key
+        self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from casd_core.inference import classify_raster
+    from casd_core.progress import Monitor
+
+    if args.output.exists() and not args.overwrite:
+        raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")
+    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    bar = _ProgressBar(args.quiet)
+    try:
+        summary = classify_raster(args.raster, args.output, model=args.model, tiling=tiling,
+                                  inference=inference, fmt=args.format, dissolve=args.dissolve,
+                                  monitor=Monitor(on_progress=bar))
+    finally:
+        bar.close()
+    top = ", ".join(f"{name} {count}" for name, count in list(summary.class_counts.items())[:5])
+    print(f"wrote {summary.output}: {summary.features} feature(s) from {summary.tiles} tile(s), "
+          f"{summary.skipped_nodata} skipped as nodata, {summary.seconds:.1f} s "
+          f"({summary.tiles_per_second:.1f} tiles/s)")
+    print(f"most frequent classes: {top}")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from casd_core.inference import classify_folder
+    from casd_core.progress import Monitor
+
+    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    bar = _ProgressBar(args.quiet)
+    try:
+        summary = classify_folder(args.folder, args.output, model=args.model, tiling=tiling,
+                                  inference=inference, recursive=not args.no_recursive,
+                                  overwrite=args.overwrite, merged=args.merged, fmt=args.format,
+                                  monitor=Monitor(on_progress=bar), dissolve=args.dissolve)
+    finally:
+        bar.close()
+    print(summary.table())
+    return 1 if summary.failed else 0

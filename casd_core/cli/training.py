@@ -1,0 +1,187 @@
+"""``casd train``, ``casd evaluate`` and ``casd experiment``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from casd_core.cli.common import HelpFormatter, default_of, parse_bands
+from casd_core.errors import CasdError, param
+from casd_core.losses import LossConfig
+from casd_core.train import TrainConfig
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from casd_core.train import train
+
+    loss = LossConfig(method=args.method, temperature=args.temperature, distill_weight=args.distill_weight,
+                      label_smoothing=args.label_smoothing, distance=args.distance,
+                      detach_partner=args.detach_partner, partner_ce=args.partner_ce,
+                      alpha_mode=args.alpha_mode, alpha_init=args.alpha_init, alpha_min=args.alpha_min,
+                      alpha_max=args.alpha_max, alpha_target_active=args.alpha_target_active)
+    cfg = TrainConfig(
+        data_root=args.data_root, split_csv=args.split_csv, out_dir=args.out_dir, method=args.method,
+        backbone=args.backbone, pretrained=None if args.pretrained == "none" else args.pretrained,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, input_size=args.input_size, val_fraction=args.val_fraction,
+        seed=args.seed, negatives=args.negatives, loss=loss, subset_per_class=args.subset_per_class,
+        package_name=args.package_name, device=args.device, workers=args.workers,
+        bands=parse_bands(args.bands), value_scale=args.value_scale, gsd_m=args.gsd_m,
+        tile_footprint_m=args.tile_footprint_m,
+    )
+    result = train(cfg)
+    test = result.metrics.get("test")
+    print(f"model package: {result.package_path}")
+    print(f"validation OA: {result.metrics['validation']['overall_accuracy']:.4f}")
+    if test:
+        print(f"test OA: {test['overall_accuracy']:.4f}  kappa: {test['kappa']:.4f}  (n={test['num_samples']})")
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a scene classifier (plain CE, CS-KD or CASD)",
+        description="Train a scene classifier on a folder of class sub-folders. A validation split is "
+                    "carved from the 'train' rows for model selection; the 'test' rows are evaluated once "
+                    "at the end. Rerun the same command after an interruption to resume.",
+        formatter_class=HelpFormatter)
+    t, loss = (lambda name: default_of(TrainConfig, name)), (lambda name: default_of(LossConfig, name))
+    p.add_argument("--data", dest="data_root", type=Path, required=True,
+                   help="folder the images (and the CSV paths) live in")
+    p.add_argument("--split", dest="split_csv", type=Path,
+                   help="CSV with columns path,label,split (train/test rows); "
+                        "without it every image under --data/<class>/ is training data")
+    p.add_argument("--out", dest="out_dir", type=Path, required=True,
+                   help="output folder: model package, metrics log, confusion matrix")
+    p.add_argument("--method", choices=["ce", "cskd", "casd"], default=t("method"), help="training objective")
+    p.add_argument("--backbone", default=t("backbone"), help="network architecture (see docs for the list)")
+    p.add_argument("--pretrained", choices=["imagenet", "none"], default=t("pretrained") or "none",
+                   help="start from ImageNet weights (offline for efficientnet_lite0) or from scratch")
+    p.add_argument("--epochs", type=int, default=t("epochs"), help="passes over the training rows")
+    p.add_argument("--batch-size", type=int, default=t("batch_size"),
+                   help="anchors per batch (CASD forwards 3x this many images)")
+    p.add_argument("--lr", type=float, default=t("lr"), help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=t("weight_decay"), help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=t("warmup_epochs"),
+                   help="linear warm-up before the cosine decay")
+    p.add_argument("--input-size", type=int, default=t("input_size"),
+                   help="image side in pixels fed to the network")
+    p.add_argument("--val-fraction", type=float, default=t("val_fraction"),
+                   help="share of each class's train rows held out for validation")
+    p.add_argument("--seed", type=int, default=t("seed"), help="seed of the split carve, sampler and weights")
+    p.add_argument("--subset-per-class", type=int, help="use at most this many images per class (quick runs)")
+    g = p.add_argument_group("CS-KD / CASD distillation")
+    g.add_argument("--negatives", choices=["random", "confusion", "centroid"], default=t("negatives"),
+                   help="how CASD picks the other-class image: uniformly, or preferring classes the model confuses")
+    g.add_argument("--temperature", type=float, default=loss("temperature"),
+                   help="softmax temperature T of the distilled distributions")
+    g.add_argument("--distill-weight", type=float, default=loss("distill_weight"),
+                   help="lambda: weight of the distillation loss")
+    g.add_argument("--label-smoothing", type=float, default=loss("label_smoothing"),
+                   help="label smoothing of the cross-entropy terms")
+    g.add_argument("--distance", choices=["kl", "js"], default=loss("distance"),
+                   help="distance between distributions")
+    g.add_argument("--detach-partner", action=argparse.BooleanOptionalAction, default=loss("detach_partner"),
+                   help="treat the partner branches as fixed teachers (no gradient through them)")
+    g.add_argument("--partner-ce", action=argparse.BooleanOptionalAction, default=loss("partner_ce"),
+                   help="cross-entropy on the partner images too, not only the anchor")
+    g.add_argument("--alpha-mode", choices=["fixed", "learnable", "adaptive"], default=loss("alpha_mode"),
+                   help="the CASD margin: constant, learned within bounds, or learned against its own target")
+    g.add_argument("--alpha-init", type=float, default=loss("alpha_init"), help="initial (or fixed) margin alpha")
+    g.add_argument("--alpha-min", type=float, default=loss("alpha_min"), help="lower bound of a learned alpha")
+    g.add_argument("--alpha-max", type=float, default=loss("alpha_max"), help="upper bound of a learned alpha")
+    g.add_argument("--alpha-target-active", type=float, default=loss("alpha_target_active"),
+                   help="adaptive alpha: share of triplets that should still violate the margin")
+    m = p.add_argument_group("imagery, package description and hardware")
+    m.add_argument("--bands", help="1-based bands of multi-band GeoTIFF chips to train on, e.g. 1,2,3,4 "
+                                   "(default: all bands)")
+    m.add_argument("--value-scale", type=float,
+                   help="divide pixel values by this to get [0, 1] (default 255 for uint8; required for uint16)")
+    m.add_argument("--gsd", dest="gsd_m", type=float,
+                   help="nominal ground sample distance of the training images, metres/pixel")
+    m.add_argument("--tile-footprint", dest="tile_footprint_m", type=float,
+                   help="recommended ground size of one tile at inference, metres")
+    m.add_argument("--package-name", default=t("package_name"), help="file name of the model package in --out")
+    m.add_argument("--device", default=t("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
+    m.add_argument("--workers", type=int, help="DataLoader worker processes (default: 1 on CPU, up to 8 on CUDA)")
+    p.set_defaults(run=_run_train, parser=p)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from casd_core.evaluate import evaluate_package
+
+    report = evaluate_package(args.model, args.data_root, args.split_csv, split=args.subset,
+                              out_dir=args.out_dir, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['split']} rows of {args.split_csv}: n={report['num_samples']}")
+    print(f"overall accuracy {report['overall_accuracy']:.4f}  kappa {report['kappa']:.4f}  macro F1 {report['macro_f1']:.4f}")
+    width = max(len(name) for name in report["per_class"])
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, row in report["per_class"].items():
+        print(f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  {row['support']:7d}")
+    if args.out_dir:
+        print(f"wrote {', '.join(report['files'].values())}")
+    return 0
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a model package on the test rows of a split CSV",
+        description="Overall accuracy, Cohen's kappa and per-class precision/recall/F1 of a model package "
+                    "on one split (default: the 'test' rows) of a path,label,split CSV.",
+        formatter_class=HelpFormatter)
+    p.add_argument("model", type=Path, help="model package (.safetensors) written by `casd train`")
+    p.add_argument("--data", dest="data_root", type=Path, required=True,
+                   help="folder the CSV paths are relative to")
+    p.add_argument("--split", dest="split_csv", type=Path, required=True,
+                   help="CSV with columns path,label,split")
+    p.add_argument("--subset", default="test", help="which split's rows to evaluate")
+    p.add_argument("--out", dest="out_dir", type=Path,
+                   help="also write metrics.json, confusion_matrix.csv and .png here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.set_defaults(run=_run_evaluate, parser=p)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from casd_core.experiment import load_row, run_parallel, run_row, summary_table
+
+    rows = [load_row(path) for path in args.rows]
+    if args.seeds is not None:
+        for row in rows:
+            row.seeds = args.seeds
+    if args.parallel < 1:
+        raise CasdError(f"{param('parallel')} must be at least 1")
+    if args.parallel > 1 and not args.summary_only:
+        run_parallel(rows, args.runs, args.parallel, args.data_root, args.device, args.loader_workers)
+    elif not args.summary_only:
+        for row in rows:
+            print(f"== {row.name}: seeds {row.seeds}")
+            run_row(row, args.runs, args.data_root, args.device, workers=args.loader_workers)
+    print(summary_table(rows, args.runs))
+    return 0
+
+
+def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "experiment", help="run table rows of a study (config files) over their seeds, then summarise",
+        description="Train every seed of each row file (TOML, see experiments/) into RUNS/<row>/seed<k>/, "
+                    "resuming interrupted runs and skipping finished ones, then print a Markdown table of "
+                    "test OA and kappa (mean ± std over seeds), training time and images/s.",
+        formatter_class=HelpFormatter)
+    p.add_argument("rows", type=Path, nargs="+", help="row files, e.g. experiments/aid20/casd.toml")
+    p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="where the runs live")
+    p.add_argument("--data", dest="data_root", type=Path,
+                   help="data root the row paths are relative to (default: $CASD_DATA)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds instead of the rows' own")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train this many seeds at once, each in its own process (e.g. 4 on one GPU)")
+    p.add_argument("--loader-workers", type=int,
+                   help="data-loading processes per run (default: 8 on CUDA, 1 on CPU)")
+    p.add_argument("--summary-only", action="store_true", help="only print the table of what is finished")
+    p.set_defaults(run=_run_experiment, parser=p)

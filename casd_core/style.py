@@ -1,0 +1,109 @@
+"""The result layer's QGIS style: categorised on ``class_name``, in the package's colours and
+class names, as QML; and storing it in a GeoPackage the way QGIS does (``layer_styles``)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+
+def _rgba(color: str, alpha: int = 255) -> str:
+    value = color.lstrip("#")
+    if len(value) == 3:
+        value = "".join(c * 2 for c in value)
+    try:
+        r, g, b = (int(value[i:i + 2], 16) for i in (0, 2, 4))
+    except ValueError:
+        r, g, b = 128, 128, 128
+    return f"{r},{g},{b},{alpha}"
+
+
+def _fill_symbol(name: str, color: str) -> str:
+    props = {
+        "border_width_map_unit_scale": "3x:0,0,0,0,0,0",
+        "color": _rgba(color),
+        "joinstyle": "bevel",
+        "offset": "0,0",
+        "offset_map_unit_scale": "3x:0,0,0,0,0,0",
+        "offset_unit": "MM",
+        "outline_color": "255,255,255,140",
+        "outline_style": "solid",
+        "outline_width": "0.1",
+        "outline_width_unit": "MM",
+        "style": "solid",
+    }
+    options = "\n".join(f'            <Option name="{k}" type="QString" value="{v}"/>'
+                        for k, v in props.items())
+    legacy = "\n".join(f'          <prop k="{k}" v="{v}"/>' for k, v in props.items())
+    return f"""      <symbol alpha="0.7" clip_to_extent="1" force_rhr="0" name="{name}" type="fill">
+        <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+          <Option type="Map">
+{options}
+          </Option>
+{legacy}
+        </layer>
+      </symbol>"""
+
+
+def qml_style(package: Any) -> str:
+    """A QGIS 3 style (QML): categorised on ``class_name``, one category per package class."""
+    categories = "\n".join(
+        f"      <category render=\"true\" symbol=\"{i}\" value={quoteattr(name)} "
+        f"label={quoteattr(name)}/>"
+        for i, name in enumerate(package.class_names))
+    symbols = "\n".join(_fill_symbol(str(i), color)
+                        for i, color in enumerate(package.class_colors))
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis styleCategories="Symbology" version="3.22.0">
+  <renderer-v2 attr="class_name" enableorderby="0" forceraster="0" symbollevels="0" type="categorizedSymbol">
+    <categories>
+{categories}
+    </categories>
+    <symbols>
+{symbols}
+    </symbols>
+    <source-symbol>
+{_fill_symbol("0", "#9e9e9e")}
+    </source-symbol>
+    <rotation/>
+    <sizescale/>
+  </renderer-v2>
+  <blendMode>0</blendMode>
+  <featureBlendMode>0</featureBlendMode>
+  <layerGeometryType>2</layerGeometryType>
+</qgis>
+"""
+
+
+_LAYER_STYLES_SQL = """CREATE TABLE IF NOT EXISTS layer_styles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),
+    f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,
+    useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+    update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"""
+
+
+def add_gpkg_style(path: str | os.PathLike, layer: str, qml: str,
+                   description: str = "CASD scene classes") -> None:
+    """Store ``qml`` as the default style of ``layer`` in the GeoPackage's ``layer_styles``."""
+    con = sqlite3.connect(str(path))
+    try:
+        with con:
+            row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?",
+                              (layer,)).fetchone()
+            geometry_column = row[0] if row else "geom"
+            con.execute(_LAYER_STYLES_SQL)
+            con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (layer,))
+            con.execute(
+                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
+                "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
+                "owner, ui) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', NULL)",
+                (layer, geometry_column, layer, qml, description))
+            con.execute(
+                "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, "
+                "description, last_change) VALUES ('layer_styles', 'attributes', 'layer_styles', "
+                "'', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
+    finally:
+        con.close()
