@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from PIL import Image
 from torchvision.transforms import v2
 
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 _TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -44,7 +44,8 @@ def scan_class_folders(root: Path) -> tuple[list[Sample], list[str]]:
     """All images under ``root/<class>/``, classes sorted by name (ImageFolder layout)."""
     root = Path(root)
     if not root.is_dir():
-        raise CasdError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
+        raise CasdError(f"{param('data_root')} {root} does not exist; pass a folder with one "
+                        "sub-folder per class")
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     samples = [
         Sample(path, label)
@@ -65,7 +66,8 @@ def read_split(split_csv: Path, data_root: Path) -> tuple[dict[str, list[Sample]
     """
     split_csv, data_root = Path(split_csv), Path(data_root)
     if not split_csv.is_file():
-        raise CasdError(f"split file {split_csv} does not exist; pass a CSV with columns path,label,split")
+        raise CasdError(f"{param('split_csv')} {split_csv} does not exist; pass a CSV with columns "
+                        "path,label,split")
     with split_csv.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"path", "label", "split"} <= set(rows[0]):
@@ -77,7 +79,8 @@ def read_split(split_csv: Path, data_root: Path) -> tuple[dict[str, list[Sample]
         splits[row["split"]].append(Sample(data_root / row["path"], index[row["label"]]))
     missing = [s.path for s in splits.get("train", [])[:1] + splits.get("test", [])[:1] if not s.path.is_file()]
     if missing:
-        raise CasdError(f"{missing[0]} listed in {split_csv} does not exist; is --data the folder the CSV paths are relative to?")
+        raise CasdError(f"{missing[0]} listed in {split_csv} does not exist; is {param('data_root')} "
+                        "the folder the CSV paths are relative to?")
     return dict(splits), class_names
 
 
@@ -140,8 +143,8 @@ def to_unit_range(pixels: torch.Tensor | np.ndarray, value_scale: float | None, 
     pixels = torch.as_tensor(pixels)
     if value_scale is None:
         if pixels.dtype != torch.uint8:
-            raise CasdError(f"{source} holds {pixels.dtype} pixels; give the value scale explicitly "
-                            "(e.g. --value-scale 10000 for reflectance, 65535 for full-range uint16)")
+            raise CasdError(f"{source} holds {pixels.dtype} pixels; give the {param('value_scale')} "
+                            "explicitly (e.g. 10000 for reflectance, 65535 for full-range uint16)")
         value_scale = 255.0
     return pixels.float().div_(value_scale)
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from casd_core.atomic import atomic_path
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 FORMAT_NAME = "casd-model-package"
 FORMAT_VERSION = 1
@@ -125,8 +125,8 @@ class ModelPackage:
         """Read a package; anything that is not one is refused with a clear message."""
         path = Path(path)
         if not path.is_file():
-            raise CasdError(f"model file {path} does not exist; pass the .safetensors file "
-                            "written by `casd train`")
+            raise CasdError(f"{param('model')} {path} does not exist; pass the .safetensors file "
+                            "written by training")
         not_a_package = (f"{path} is not a CASD model package (expected the .safetensors "
                          "file written by `casd train`)")
         try:

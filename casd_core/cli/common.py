@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from casd_core.errors import CasdError, param
 
@@ -51,3 +51,11 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
         elif action.dest != argparse.SUPPRESS:
             names[action.dest] = action.metavar or action.dest.upper()
     return names
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int],
+                summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose namespace knows how to run it and its own parser (for error rendering)."""
+    parser = subparsers.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+    parser.set_defaults(run=run, parser=parser)
+    return parser

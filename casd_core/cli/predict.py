@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from casd_core.cli.common import HelpFormatter, default_of, parse_bands
+from casd_core.cli.common import add_command, default_of, parse_bands
 from casd_core.errors import CasdError, param
 from casd_core.inference import InferenceConfig
 from casd_core.progress import ProgressEvent
@@ -14,12 +14,11 @@ from casd_core.tiling import TilingConfig
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "predict", help="label a raster tile by tile and write the grid as a vector layer",
-        description="Slide a window over a georeferenced raster, classify each tile and write one "
-                    "polygon per tile (class, score, uncertainty, top-3) in the raster's CRS, styled "
-                    "for QGIS. The output is written atomically: an interrupted run leaves no file.",
-        formatter_class=HelpFormatter)
+    p = add_command(
+        subparsers, "predict", _run_predict, "label a raster tile by tile and write the grid as a vector layer",
+        "Slide a window over a georeferenced raster, classify each tile and write one "
+        "polygon per tile (class, score, uncertainty, top-3) in the raster's CRS, styled "
+        "for QGIS. The output is written atomically: an interrupted run leaves no file.")
     p.add_argument("raster", type=Path, help="georeferenced raster (GeoTIFF, ...)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output layer: .gpkg (default format), .geojson or .fgb")
@@ -27,17 +26,15 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="output format (default: from the output's suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     _add_inference_arguments(p)
-    p.set_defaults(run=_run_predict, parser=p)
 
 
 def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "batch", help="label every raster of a folder (resumable)",
-        description="Run `casd predict` over every *.tif/*.tiff of a folder (recursively), one output "
-                    "per raster under OUTDIR (sub-folders mirrored). Rasters whose output exists are "
-                    "skipped, so rerunning after an interruption resumes. A raster that fails is "
-                    "reported and the batch goes on; the exit code is 1 if any failed.",
-        formatter_class=HelpFormatter)
+    p = add_command(
+        subparsers, "batch", _run_batch, "label every raster of a folder (resumable)",
+        "Run `casd predict` over every *.tif/*.tiff of a folder (recursively), one output "
+        "per raster under OUTDIR (sub-folders mirrored). Rasters whose output exists are "
+        "skipped, so rerunning after an interruption resumes. A raster that fails is "
+        "reported and the batch goes on; the exit code is 1 if any failed.")
     p.add_argument("folder", type=Path, help="folder of rasters")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                    help="output folder (created if needed)")
@@ -47,7 +44,6 @@ def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--merged", action="store_true",
                    help="also write OUTDIR/merged.<format>: every tile of every raster, with a 'source' field")
     _add_inference_arguments(p)
-    p.set_defaults(run=_run_batch, parser=p)
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from casd_core.cli.common import HelpFormatter, default_of, parse_bands
+from casd_core.cli.common import add_command, default_of, parse_bands
 from casd_core.errors import CasdError, param
 from casd_core.losses import LossConfig
 from casd_core.train import TrainConfig
@@ -40,12 +40,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a scene classifier (plain CE, CS-KD or CASD)",
-        description="Train a scene classifier on a folder of class sub-folders. A validation split is "
-                    "carved from the 'train' rows for model selection; the 'test' rows are evaluated once "
-                    "at the end. Rerun the same command after an interruption to resume.",
-        formatter_class=HelpFormatter)
+    p = add_command(
+        subparsers, "train", _run_train, "train a scene classifier (plain CE, CS-KD or CASD)",
+        "Train a scene classifier on a folder of class sub-folders. A validation split is "
+        "carved from the 'train' rows for model selection; the 'test' rows are evaluated once "
+        "at the end. Rerun the same command after an interruption to resume.")
     t, loss = (lambda name: default_of(TrainConfig, name)), (lambda name: default_of(LossConfig, name))
     p.add_argument("--data", dest="data_root", type=Path, required=True,
                    help="folder the images (and the CSV paths) live in")
@@ -105,7 +104,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--package-name", default=t("package_name"), help="file name of the model package in --out")
     m.add_argument("--device", default=t("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
     m.add_argument("--workers", type=int, help="DataLoader worker processes (default: 1 on CPU, up to 8 on CUDA)")
-    p.set_defaults(run=_run_train, parser=p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -128,11 +126,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="evaluate a model package on the test rows of a split CSV",
-        description="Overall accuracy, Cohen's kappa and per-class precision/recall/F1 of a model package "
-                    "on one split (default: the 'test' rows) of a path,label,split CSV.",
-        formatter_class=HelpFormatter)
+    p = add_command(
+        subparsers, "evaluate", _run_evaluate, "evaluate a model package on the test rows of a split CSV",
+        "Overall accuracy, Cohen's kappa and per-class precision/recall/F1 of a model package "
+        "on one split (default: the 'test' rows) of a path,label,split CSV.")
     p.add_argument("model", type=Path, help="model package (.safetensors) written by `casd train`")
     p.add_argument("--data", dest="data_root", type=Path, required=True,
                    help="folder the CSV paths are relative to")
@@ -144,7 +141,6 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.set_defaults(run=_run_evaluate, parser=p)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
@@ -167,12 +163,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "experiment", help="run table rows of a study (config files) over their seeds, then summarise",
-        description="Train every seed of each row file (TOML, see experiments/) into RUNS/<row>/seed<k>/, "
-                    "resuming interrupted runs and skipping finished ones, then print a Markdown table of "
-                    "test OA and kappa (mean ± std over seeds), training time and images/s.",
-        formatter_class=HelpFormatter)
+    p = add_command(
+        subparsers, "experiment", _run_experiment, "run table rows of a study (config files) over their seeds, then summarise",
+        "Train every seed of each row file (TOML, see experiments/) into RUNS/<row>/seed<k>/, "
+        "resuming interrupted runs and skipping finished ones, then print a Markdown table of "
+        "test OA and kappa (mean ± std over seeds), training time and images/s.")
     p.add_argument("rows", type=Path, nargs="+", help="row files, e.g. experiments/aid20/casd.toml")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="where the runs live")
     p.add_argument("--data", dest="data_root", type=Path,
@@ -184,4 +179,3 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loader-workers", type=int,
                    help="data-loading processes per run (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--summary-only", action="store_true", help="only print the table of what is finished")
-    p.set_defaults(run=_run_experiment, parser=p)
