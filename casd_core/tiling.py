@@ -309,7 +309,7 @@ def tile_grid(raster: str | os.PathLike | rasterio.io.DatasetReader, tiling: Til
         shapely.prepare(aoi)
         grid.aoi = aoi
         if len(grid) == 0:
-            raise CasdError(f"no tile of {name} overlaps the AOI; check that the AOI covers "
+            raise CasdError(f"no tile of {name} overlaps the {param('aoi')}; check that it covers "
                             "the raster and is in (or reprojectable to) its CRS")
     return grid
 
@@ -323,8 +323,8 @@ def _aoi_in_raster_crs(tiling: TilingConfig, crs: Any) -> BaseGeometry | None:
     try:
         source = CRS.from_user_input(tiling.aoi_crs)
     except Exception:  # noqa: BLE001 - any unparsable CRS description
-        raise CasdError(f"the AOI's CRS {tiling.aoi_crs!r} is not a CRS GDAL knows; "
-                        "save the AOI with a valid CRS") from None
+        raise CasdError(f"the CRS of the {param('aoi')} ({tiling.aoi_crs!r}) is not a CRS GDAL "
+                        "knows; save it with a valid CRS") from None
     if source == crs:
         return tiling.aoi
     moved = shapely.geometry.shape(transform_geom(source, crs, shapely.geometry.mapping(tiling.aoi)))
@@ -343,7 +343,8 @@ def _processed_region(dataset: Any, extent: tuple[float, float, float, float] | 
         bounds = a if bounds is None else (max(bounds[0], a[0]), max(bounds[1], a[1]),
                                            min(bounds[2], a[2]), min(bounds[3], a[3]))
         if bounds[0] >= bounds[2] or bounds[1] >= bounds[3]:
-            raise CasdError(f"the AOI does not overlap the extent on {name}; check both")
+            raise CasdError(f"the {param('aoi')} does not overlap the {param('extent')} on {name}; "
+                            "check both")
     if bounds is None:
         return full
     win = rasterio.windows.from_bounds(*bounds, transform=dataset.transform)
@@ -354,7 +355,7 @@ def _processed_region(dataset: Any, extent: tuple[float, float, float, float] | 
     col1, row1 = min(col1, dataset.width), min(row1, dataset.height)
     if col1 <= col0 or row1 <= row0:
         b = dataset.bounds
-        what = "AOI" if aoi is not None and extent is None else "extent"
+        what = param("aoi") if aoi is not None and extent is None else param("extent")
         raise CasdError(f"the {what} does not overlap raster {name} (its bounds are "
                         f"{b.left:g}, {b.bottom:g}, {b.right:g}, {b.top:g} in its CRS)")
     return Window(col0, row0, col1 - col0, row1 - row0)
