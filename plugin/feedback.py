@@ -1,32 +1,28 @@
-"""Adapts a ``QgsProcessingFeedback`` to the core's plain progress/cancel protocol."""
+"""Adapts a ``QgsProcessingFeedback`` to the core's progress/cancel protocol (events in, bar and log out)."""
 
 from __future__ import annotations
 
 from qgis.core import QgsProcessingFeedback
 
-from casd_core.progress import Monitor
+from casd_core.progress import Monitor, ProgressEvent
 
 
 def monitor_for(feedback: QgsProcessingFeedback | None) -> Monitor:
-    """A :class:`Monitor` that drives the progress bar, logs each new step once, and polls Cancel.
+    """A :class:`Monitor` that moves the progress bar with every event and polls Cancel.
 
-    Per-batch tile counts ("120/2500 tiles") only move the bar; a new step (an epoch, the next
-    raster of a folder) also gets one line in the log.
+    A new step (the next raster of a folder, the next epoch: a new ``item`` or ``stage``) also
+    gets one progress-text line, e.g. ``"a.tif: 0/2500 tiles"`` or ``"epoch 3/20: 1/120 steps"``;
+    the events within a step only move the bar.
     """
     if feedback is None:
         return Monitor()
-    from casd_core.inference import parse_tile_progress
+    last_step: tuple[str, str] | None = None
 
-    last_step = ""
-
-    def on_progress(fraction: float, message: str) -> None:
+    def on_progress(event: ProgressEvent) -> None:
         nonlocal last_step
-        feedback.setProgress(100.0 * fraction)
-        step = message
-        if parse_tile_progress(message) is not None:
-            step = message.rsplit(" ", 2)[0].rstrip(":") if message.count(" ") >= 2 else ""
-        if step and step != last_step:
-            last_step = step
-            feedback.setProgressText(step)
+        feedback.setProgress(100.0 * event.fraction)
+        if (event.item, event.stage) != last_step:
+            last_step = (event.item, event.stage)
+            feedback.setProgressText(event.describe())
 
     return Monitor(on_progress=on_progress, is_cancelled=feedback.isCanceled)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QMessageBox
+from qgis.PyQt.QtWidgets import QMessageBox
 
+from .compat import QAction
 from .deps import keep_triton_out, missing_message, missing_requirements
 from .icons import ICON_SVG
 
@@ -36,7 +37,7 @@ class CasdPlugin:
             return
         self.missing = missing_requirements()
         if self.missing:
-            QgsMessageLog.logMessage(missing_message(self.missing), LOG_TAG, Qgis.Warning)
+            QgsMessageLog.logMessage(missing_message(self.missing), LOG_TAG, Qgis.MessageLevel.Warning)
             return
         from .provider import CasdProvider
 
@@ -59,7 +60,7 @@ class CasdPlugin:
         if self.missing:
             self.iface.messageBar().pushMessage(
                 PLUGIN_NAME, "Python packages are missing; the algorithms are unavailable until they are installed.",
-                missing_message(self.missing), Qgis.Warning, 0)
+                missing_message(self.missing), Qgis.MessageLevel.Warning, 0)
 
     def open_classify_dialog(self) -> None:
         """The toolbar and the Processing toolbox open the same algorithm dialog."""
@@ -71,10 +72,10 @@ class CasdPlugin:
         processing.execAlgorithmDialog(CLASSIFY_ALGORITHM)
 
     def _show_missing_dependencies(self) -> None:
-        box = QMessageBox(QMessageBox.Warning, PLUGIN_NAME, missing_message(self.missing),
-                          QMessageBox.Ok, self.iface.mainWindow())
-        box.setTextInteractionFlags(Qt.TextSelectableByMouse)  # so the command can be copied
-        box.exec_()
+        box = QMessageBox(QMessageBox.Icon.Warning, PLUGIN_NAME, missing_message(self.missing),
+                          QMessageBox.StandardButton.Ok, self.iface.mainWindow())
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)  # so the command can be copied
+        box.exec()
 
     def unload(self) -> None:
         if self.action is not None:

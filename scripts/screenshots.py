@@ -95,8 +95,8 @@ def launch() -> int:
 
 def capture() -> None:
     from qgis.core import Qgis, QgsMessageLog, QgsProject, QgsRasterLayer
-    from qgis.PyQt.QtCore import QTimer
-    from qgis.PyQt.QtWidgets import QAction, QApplication, QDockWidget
+    from qgis.PyQt.QtCore import QObject, QTimer
+    from qgis.PyQt.QtWidgets import QApplication, QDockWidget
     from qgis.utils import iface
 
     out = os.environ["CASD_SCREENSHOT_OUT"]
@@ -105,7 +105,7 @@ def capture() -> None:
 
     def log(message: str) -> None:
         print(f"[screenshots] {message}", flush=True)
-        QgsMessageLog.logMessage(message, "CASD screenshots", Qgis.Info)
+        QgsMessageLog.logMessage(message, "CASD screenshots", Qgis.MessageLevel.Info)
 
     def finish(code: int = 0) -> None:
         log("done" if code == 0 else "failed")
@@ -140,13 +140,14 @@ def capture() -> None:
         later(click_toolbar_button, 3000)
 
     def click_toolbar_button() -> None:
-        actions = [a for a in iface.mainWindow().findChildren(QAction) if a.objectName() == "CasdClassifyRasterAction"]
-        if not actions:
+        # Looked up by name as a QObject: QAction is in QtWidgets in Qt 5 but in QtGui in Qt 6.
+        action = iface.mainWindow().findChild(QObject, "CasdClassifyRasterAction")
+        if action is None:
             import qgis.utils
             raise RuntimeError("the plugin's toolbar button is missing: is the plugin enabled? "
                                f"(active plugins: {qgis.utils.active_plugins})")
         later(fill_dialog, 3000)
-        actions[0].trigger()  # opens the modal Processing dialog; the timer above runs inside it
+        action.trigger()  # opens the modal Processing dialog; the timer above runs inside it
 
     def fill_dialog() -> None:
         # Under Xvfb without a window manager nothing is "active": look for the visible dialog.

@@ -9,7 +9,7 @@ from qgis.core import (QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
 from ..feedback import monitor_for
 from .common import CasdAlgorithm, advanced, user_errors
 from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
-                            add_tiling_parameters, inference_config, tiling_config)
+                            TILING_PARAMETERS, add_tiling_parameters, inference_config, tiling_config)
 
 INPUT_FOLDER = "INPUT_FOLDER"
 RECURSIVE = "RECURSIVE"
@@ -26,11 +26,13 @@ SKIPPED = "SKIPPED"
 FAILED = "FAILED"
 
 FORMATS = (("gpkg", "GeoPackage (.gpkg)"), ("geojson", "GeoJSON (.geojson)"), ("fgb", "FlatGeobuf (.fgb)"))
+# The core's settings whose parameter is not simply the key in upper case (for user_errors).
+PARAMETERS = {**TILING_PARAMETERS, "folder": INPUT_FOLDER, "out_dir": OUTPUT_FOLDER, "format": FORMAT}
 
 
 def parse_bands(text: str) -> tuple[int, ...] | None:
     """``"4,1,2"`` → (4, 1, 2); empty → None (the first bands)."""
-    from casd_core.errors import CasdError
+    from casd_core.errors import CasdError, param
 
     text = text.strip()
     if not text:
@@ -38,7 +40,8 @@ def parse_bands(text: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
     except ValueError:
-        raise CasdError(f"bands {text!r} must be 1-based band numbers separated by commas, e.g. 1,2,3") from None
+        raise CasdError(f"{param('bands')} {text!r} must be 1-based band numbers separated by commas, "
+                        "e.g. 1,2,3") from None
 
 
 class ClassifyFolderAlgorithm(CasdAlgorithm):
@@ -64,11 +67,11 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
         self.addParameter(QgsProcessingParameterFile(
-            INPUT_FOLDER, "Folder of GeoTIFFs", behavior=QgsProcessingParameterFile.Folder))
+            INPUT_FOLDER, "Folder of GeoTIFFs", behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterBoolean(RECURSIVE, "Include sub-folders", defaultValue=True))
         self.add_model_parameter(MODEL)
         self.addParameter(QgsProcessingParameterString(
-            BANDS, "Bands, e.g. 1,2,3 (empty: the first bands, as many as the model needs)", optional=True))
+            BANDS, "Bands (e.g. 1,2,3; empty: the first bands, as many as the model needs)", optional=True))
         add_tiling_parameters(self)
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterEnum(
@@ -86,7 +89,7 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         out_dir = self.parameterAsString(parameters, OUTPUT_FOLDER, context)
-        with user_errors():
+        with user_errors(self, PARAMETERS):
             from casd_core.inference import classify_folder
 
             device = self.device(parameters, DEVICE, context)

@@ -14,13 +14,12 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeome
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterBand,
                        QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterRasterLayer, QgsProviderRegistry, QgsRasterLayer, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
-
+from ..compat import FIELD_DOUBLE, FIELD_INT, FIELD_INT64, FIELD_STRING
 from ..feedback import monitor_for
 from ..styling import style_when_loaded
 from .common import CasdAlgorithm, user_errors
 from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
-                            add_tiling_parameters, inference_config, tiling_config)
+                            TILING_PARAMETERS, add_tiling_parameters, inference_config, tiling_config)
 
 INPUT = "INPUT"
 MODEL = "MODEL"
@@ -30,8 +29,10 @@ DEVICE = "DEVICE"
 OUTPUT = "OUTPUT"
 TILE_COUNT = "TILE_COUNT"
 
-_QVARIANT_TYPES = {"int32": QVariant.Int, "int64": QVariant.LongLong, "float64": QVariant.Double,
-                   "float32": QVariant.Double, "str": QVariant.String}
+_FIELD_TYPES = {"int32": FIELD_INT, "int64": FIELD_INT64, "float64": FIELD_DOUBLE, "float32": FIELD_DOUBLE,
+                "str": FIELD_STRING}
+# The core's settings whose parameter is not simply the key in upper case (for user_errors).
+PARAMETERS = {**TILING_PARAMETERS, "raster": INPUT}
 
 
 def output_fields() -> QgsFields:
@@ -40,24 +41,25 @@ def output_fields() -> QgsFields:
 
     fields = QgsFields()
     for name, kind in OUTPUT_FIELDS:
-        fields.append(QgsField(name, _QVARIANT_TYPES[kind]))
+        fields.append(QgsField(name, _FIELD_TYPES[kind]))
     return fields
 
 
 def raster_file(layer: QgsRasterLayer) -> str:
     """The file (or GDAL dataset name) behind ``layer``; casd_core reads rasters with rasterio."""
-    from casd_core.errors import CasdError
+    from casd_core.errors import CasdError, param
 
     if layer.providerType() != "gdal":
         raise CasdError(f"layer '{layer.name()}' is not a raster file ({layer.providerType()} provider); "
-                        "save it as a GeoTIFF first (Raster ▸ Conversion ▸ Translate) and classify that")
+                        "save it as a GeoTIFF first (Raster ▸ Conversion ▸ Translate) and choose that as "
+                        f"the {param('raster')}")
     parts = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())
     path = parts.get("path") or layer.source()
     if parts.get("layerName"):
         return layer.source()  # e.g. a GeoPackage raster table: GDAL's own dataset name
     if not (os.path.isfile(path) or path.startswith("/vsi")):
-        raise CasdError(f"the file behind layer '{layer.name()}' ({path}) cannot be found; "
-                        "save the layer as a GeoTIFF first and classify that")
+        raise CasdError(f"the file behind layer '{layer.name()}' ({path}) cannot be found; save the layer "
+                        f"as a GeoTIFF first and choose that as the {param('raster')}")
     return path
 
 
@@ -102,13 +104,13 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterExtent(EXTENT, "Extent (empty: the whole raster)", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(
-            OUTPUT, "Scene classes", type=QgsProcessing.TypeVectorPolygon))
+            OUTPUT, "Scene classes", type=QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber(TILE_COUNT, "Number of labelled tiles"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         raster = self.parameterAsRasterLayer(parameters, INPUT, context)
         extent = self.parameterAsExtent(parameters, EXTENT, context, raster.crs())
-        with user_errors():
+        with user_errors(self, PARAMETERS):
             from casd_core.inference import Predictor, iter_tile_predictions
             from casd_core.vectorio import qml_style
 
@@ -130,8 +132,9 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
                 features = [self._feature(prediction, fields) for prediction in stream]
             finally:
                 stream.close()
-        sink, dest_id = self.parameterAsSink(parameters, OUTPUT, context, fields, QgsWkbTypes.Polygon, raster.crs())
-        if not sink.addFeatures(features, QgsFeatureSink.FastInsert):
+        sink, dest_id = self.parameterAsSink(parameters, OUTPUT, context, fields, QgsWkbTypes.Type.Polygon,
+                                              raster.crs())
+        if not sink.addFeatures(features, QgsFeatureSink.Flag.FastInsert):
             raise QgsProcessingException(f"could not write the tiles: {sink.lastError()}")
         feedback.pushInfo(f"{stream.labelled} of {stream.total} tiles labelled"
                           f"{f', {stream.skipped_nodata} skipped as nodata' if stream.skipped_nodata else ''}")

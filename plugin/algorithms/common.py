@@ -1,14 +1,15 @@
 """What the four algorithms share: group, icon, the model and device parameters, error mapping.
 
-casd_core is imported inside the methods that need it: importing an algorithm module never
-fails, and only ``train`` loads torch when the provider loads (it lists the core's backbones).
+casd_core is imported inside the methods that need it, so importing an algorithm module never
+fails; ``initAlgorithm`` imports the core's configs and lists to take their defaults and choices
+from them (which loads torch when the provider loads, only after the plugin found it installed).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterEnum,
                        QgsProcessingParameterFile, QgsProcessingParameterDefinition)
@@ -44,18 +45,18 @@ class CasdAlgorithm(QgsProcessingAlgorithm):
     def add_model_parameter(self, name: str) -> None:
         self.addParameter(QgsProcessingParameterFile(
             name, "Model package (empty: the embedded default model)",
-            behavior=QgsProcessingParameterFile.File, fileFilter=MODEL_FILTER, optional=True))
+            behavior=QgsProcessingParameterFile.Behavior.File, fileFilter=MODEL_FILTER, optional=True))
 
     def model_path(self, parameters: dict, name: str, context) -> Path:
         """The chosen model file, or the embedded default model when none is given."""
-        from casd_core.errors import CasdError
+        from casd_core.errors import CasdError, param
         from casd_core.package import default_model_path
 
         chosen = self.parameterAsFile(parameters, name, context)
         path = Path(chosen) if chosen else default_model_path()
         if not chosen and not path.is_file():
-            raise CasdError(f"the embedded default model is missing ({path}); choose a model file, "
-                            "or train one with 'Train a scene classifier'")
+            raise CasdError(f"the embedded default model is missing ({path}); choose a {param('model')} "
+                            "file, or train one with 'Train a scene classifier'")
         return path
 
     def add_device_parameter(self, name: str) -> None:
@@ -69,7 +70,7 @@ class CasdAlgorithm(QgsProcessingAlgorithm):
 
 
 def advanced(param: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
-    param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
     return param
 
 
@@ -83,12 +84,36 @@ def use_python_for_child_processes() -> None:
         multiprocessing.set_executable(qgis_python())
 
 
+def label(definition: QgsProcessingParameterDefinition) -> str:
+    """A parameter's name as the dialog shows it: its description up to the first " (" ."""
+    return definition.description().split(" (")[0]
+
+
+def dialog_names(algorithm: QgsProcessingAlgorithm,
+                 parameter_of: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """``name_of(key)`` for :meth:`CasdError.render`: a core setting (a config field name such as
+    ``tile_size``) as the label of the parameter that sets it, in double quotes ("Tile size").
+
+    The parameter is ``parameter_of[key]``, else ``key.upper()``; a setting the dialog has no
+    parameter for is named by its key, with spaces for underscores.
+    """
+    parameter_of = parameter_of or {}
+
+    def name_of(key: str) -> str:
+        definition = algorithm.parameterDefinition(parameter_of.get(key, key.upper()))
+        return f'"{label(definition)}"' if definition is not None else key.replace("_", " ")
+
+    return name_of
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """casd_core's user-facing errors (a cancel included) become Processing errors, without traceback."""
+def user_errors(algorithm: QgsProcessingAlgorithm,
+                parameter_of: Mapping[str, str] | None = None) -> Iterator[None]:
+    """casd_core's user-facing errors (a cancel included) become Processing errors, without
+    traceback, naming settings as ``algorithm``'s dialog does (see :func:`dialog_names`)."""
     from casd_core.errors import CasdError
 
     try:
         yield
     except CasdError as exc:
-        raise QgsProcessingException(str(exc)) from None
+        raise QgsProcessingException(exc.render(dialog_names(algorithm, parameter_of))) from None

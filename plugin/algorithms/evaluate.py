@@ -24,6 +24,9 @@ MACRO_F1 = "MACRO_F1"
 METRICS_JSON = "METRICS_JSON"
 CONFUSION_PNG = "CONFUSION_PNG"
 
+# The core's settings whose parameter is not simply the key in upper case (for user_errors).
+PARAMETERS = {"data_root": DATA_FOLDER, "out_dir": OUTPUT_FOLDER}
+
 
 class EvaluateAlgorithm(CasdAlgorithm):
     def name(self) -> str:
@@ -46,12 +49,14 @@ class EvaluateAlgorithm(CasdAlgorithm):
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
         self.add_model_parameter(MODEL)
         self.addParameter(QgsProcessingParameterFile(
-            DATA_FOLDER, "Image folder (the CSV paths are relative to it)", behavior=QgsProcessingParameterFile.Folder))
+            DATA_FOLDER, "Image folder (the CSV paths are relative to it)",
+            behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterFile(
-            SPLIT_CSV, "Split CSV (path,label,split)", behavior=QgsProcessingParameterFile.File, extension="csv"))
+            SPLIT_CSV, "Split CSV (path,label,split)", behavior=QgsProcessingParameterFile.Behavior.File,
+            extension="csv"))
         self.addParameter(QgsProcessingParameterString(SPLIT, "Split to evaluate", defaultValue="test"))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            BATCH_SIZE, "Batch size", type=QgsProcessingParameterNumber.Integer, defaultValue=64, minValue=1)))
+            BATCH_SIZE, "Batch size", type=QgsProcessingParameterNumber.Type.Integer, defaultValue=64, minValue=1)))
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterFolderDestination(
             OUTPUT_FOLDER, "Report folder (metrics JSON, confusion matrix CSV and PNG)"))
@@ -64,7 +69,7 @@ class EvaluateAlgorithm(CasdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         out_dir = self.parameterAsString(parameters, OUTPUT_FOLDER, context)
         use_python_for_child_processes()
-        with user_errors():
+        with user_errors(self, PARAMETERS):
             from casd_core.evaluate import evaluate_package
 
             model = self.model_path(parameters, MODEL, context)

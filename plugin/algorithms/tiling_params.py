@@ -1,4 +1,7 @@
-"""The tiling and inference parameters that classifyraster and classifyfolder share."""
+"""The tiling and inference parameters that classifyraster and classifyfolder share.
+
+Their defaults are the core's (``TilingConfig``, ``InferenceConfig``): one place for each.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ NODATA_THRESHOLD = "NODATA_THRESHOLD"
 BATCH_SIZE = "BATCH_SIZE"
 
 TILE_UNITS = (("m", "metres (map units)"), ("px", "pixels"))
+
+# The core's settings whose parameter is not simply the key in upper case (for user_errors).
+TILING_PARAMETERS = {"unit": TILE_UNIT}
 
 HELP = (
     "<b>Tile size</b>: the side of one square tile, in metres or pixels; empty uses the model's "
@@ -31,23 +37,28 @@ def _decimals(param, decimals: int):
 
 
 def add_tiling_parameters(algorithm) -> None:
+    from casd_core.inference import InferenceConfig
+    from casd_core.tiling import TilingConfig
+
+    double, integer = QgsProcessingParameterNumber.Type.Double, QgsProcessingParameterNumber.Type.Integer
     algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
         TILE_SIZE, "Tile size (empty: the model's recommended footprint)",
-        type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True), 1))
+        type=double, minValue=0.0, optional=True), 1))
     algorithm.addParameter(QgsProcessingParameterEnum(
-        TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS], defaultValue=0))
+        TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS],
+        defaultValue=[unit for unit, _ in TILE_UNITS].index(TilingConfig.unit)))
     algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
         OVERLAP, "Overlap between neighbouring tiles (fraction of a tile)",
-        type=QgsProcessingParameterNumber.Double, minValue=0.0, maxValue=0.95, defaultValue=0.0), 2))
+        type=double, minValue=0.0, maxValue=0.95, defaultValue=TilingConfig.overlap), 2))
     algorithm.addParameter(advanced(_decimals(QgsProcessingParameterNumber(
-        STRIDE, "Stride, in the tile size unit (empty: from the overlap)",
-        type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True), 1)))
+        STRIDE, "Stride (in the tile size unit; empty: from the overlap)",
+        type=double, minValue=0.0, optional=True), 1)))
     algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
-        NODATA_THRESHOLD, "Skip tiles with more than this fraction of nodata pixels",
-        type=QgsProcessingParameterNumber.Double, minValue=0.0, maxValue=1.0, defaultValue=0.5), 2))
+        NODATA_THRESHOLD, "Nodata threshold (skip tiles with more than this fraction of nodata pixels)",
+        type=double, minValue=0.0, maxValue=1.0, defaultValue=TilingConfig.nodata_threshold), 2))
     algorithm.addParameter(advanced(QgsProcessingParameterNumber(
-        BATCH_SIZE, "Batch size (tiles per forward pass)", type=QgsProcessingParameterNumber.Integer,
-        defaultValue=32, minValue=1)))
+        BATCH_SIZE, "Batch size (tiles per forward pass)", type=integer,
+        defaultValue=InferenceConfig.batch_size, minValue=1)))
 
 
 def tiling_config(algorithm, parameters: dict, context, bands=None, extent=None):

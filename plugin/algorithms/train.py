@@ -25,6 +25,9 @@ OUTPUT_MODEL = "OUTPUT_MODEL"
 VALIDATION_ACCURACY = "VALIDATION_ACCURACY"
 TEST_ACCURACY = "TEST_ACCURACY"
 
+# The core's settings whose parameter is not simply the key in upper case (for user_errors).
+PARAMETERS = {"data_root": DATA_FOLDER, "out_dir": OUTPUT_FOLDER, "tile_footprint_m": TILE_FOOTPRINT}
+
 
 class TrainAlgorithm(CasdAlgorithm):
     def name(self) -> str:
@@ -54,33 +57,36 @@ class TrainAlgorithm(CasdAlgorithm):
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
         from casd_core.losses import METHODS
         from casd_core.models import BACKBONES
+        from casd_core.train import TrainConfig  # its field defaults are the dialog's defaults
 
         self._methods = list(METHODS)
         self._backbones = list(BACKBONES)
+        integer, double = QgsProcessingParameterNumber.Type.Integer, QgsProcessingParameterNumber.Type.Double
         self.addParameter(QgsProcessingParameterFile(
-            DATA_FOLDER, "Image folder (one sub-folder per class)", behavior=QgsProcessingParameterFile.Folder))
+            DATA_FOLDER, "Image folder (one sub-folder per class)",
+            behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterFile(
             SPLIT_CSV, "Split CSV (path,label,split; empty: train on every image)",
-            behavior=QgsProcessingParameterFile.File, extension="csv", optional=True))
+            behavior=QgsProcessingParameterFile.Behavior.File, extension="csv", optional=True))
         self.addParameter(QgsProcessingParameterEnum(
-            METHOD, "Method", options=self._methods, defaultValue=self._methods.index("casd")))
+            METHOD, "Method", options=self._methods, defaultValue=self._methods.index(TrainConfig.method)))
         self.addParameter(QgsProcessingParameterEnum(
             BACKBONE, "Backbone", options=self._backbones,
-            defaultValue=self._backbones.index("efficientnet_lite0")))
+            defaultValue=self._backbones.index(TrainConfig.backbone)))
         self.addParameter(QgsProcessingParameterBoolean(
-            PRETRAINED, "Start from ImageNet weights", defaultValue=True))
+            PRETRAINED, "Start from ImageNet weights", defaultValue=TrainConfig.pretrained is not None))
         self.addParameter(QgsProcessingParameterNumber(
-            EPOCHS, "Epochs", type=QgsProcessingParameterNumber.Integer, defaultValue=10, minValue=1))
+            EPOCHS, "Epochs", type=integer, defaultValue=TrainConfig.epochs, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
-            BATCH_SIZE, "Batch size", type=QgsProcessingParameterNumber.Integer, defaultValue=32, minValue=1))
+            BATCH_SIZE, "Batch size", type=integer, defaultValue=TrainConfig.batch_size, minValue=1))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             SUBSET_PER_CLASS, "Use at most this many images per class (empty: all)",
-            type=QgsProcessingParameterNumber.Integer, minValue=1, optional=True)))
+            type=integer, defaultValue=TrainConfig.subset_per_class, minValue=1, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            TILE_FOOTPRINT, "Tile footprint: ground size of one image in metres (empty: unknown)",
-            type=QgsProcessingParameterNumber.Double, minValue=0.0, optional=True)))
+            TILE_FOOTPRINT, "Tile footprint (ground size of one image in metres; empty: unknown)",
+            type=double, defaultValue=TrainConfig.tile_footprint_m, minValue=0.0, optional=True)))
         self.addParameter(advanced(QgsProcessingParameterNumber(
-            SEED, "Random seed", type=QgsProcessingParameterNumber.Integer, defaultValue=0, minValue=0)))
+            SEED, "Random seed", type=integer, defaultValue=TrainConfig.seed, minValue=0)))
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterFolderDestination(
             OUTPUT_FOLDER, "Run folder (checkpoint, metrics log, test report, model package)"))
@@ -90,7 +96,7 @@ class TrainAlgorithm(CasdAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         use_python_for_child_processes()
-        with user_errors():
+        with user_errors(self, PARAMETERS):
             from casd_core.train import TrainConfig, train
 
             subset = self.parameterAsInt(parameters, SUBSET_PER_CLASS, context)

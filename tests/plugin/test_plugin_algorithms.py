@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,27 @@ class CancelAfter:
         feedback.progressChanged.connect(on_progress)
         feedback.progress_reports = seen
         return feedback
+
+
+class Recording:
+    """Builds a QgsProcessingFeedback that keeps every progress value and progress-text line."""
+
+    @staticmethod
+    def feedback():
+        from qgis.core import QgsProcessingFeedback
+
+        class RecordingFeedback(QgsProcessingFeedback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.progress_reports: list[float] = []
+                self.texts: list[str] = []
+                self.progressChanged.connect(self.progress_reports.append)
+
+            def setProgressText(self, text: str) -> None:  # noqa: N802 (QGIS's name)
+                self.texts.append(text)
+                super().setProgressText(text)
+
+        return RecordingFeedback()
 
 
 def _vector_layer(path: str):
@@ -114,6 +136,46 @@ def test_result_layer_is_categorised_by_class_in_the_package_colours(provider, r
         del layer
 
 
+def test_progress_moves_the_bar_up_to_100_and_logs_the_step_once(provider, rasters, tiny_package):
+    import processing
+
+    feedback = Recording.feedback()
+    processing.run("casd:classifyraster", {
+        "INPUT": str(rasters / "test_tiled.tif"), "MODEL": str(tiny_package), "TILE_SIZE": 10,
+        "BATCH_SIZE": 64, "DEVICE": 1, "OUTPUT": "TEMPORARY_OUTPUT"}, feedback=feedback)
+    reports = feedback.progress_reports
+    assert len(reports) >= 5  # 625 tiles in batches of 64: one report per batch
+    assert reports == sorted(reports) and reports[0] < reports[-1]
+    assert reports[-1] == pytest.approx(100.0)
+    assert feedback.texts == ["0/625 tiles"]  # one step (this raster's tiles): one line, not one per batch
+
+
+def test_a_bad_setting_is_named_as_the_dialog_names_it(provider, rasters, tiny_package):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException) as raised:
+        processing.run("casd:classifyraster", {  # 1 km tiles on a 250 m raster
+            "INPUT": str(rasters / "test_tiled.tif"), "MODEL": str(tiny_package), "TILE_SIZE": 1000,
+            "DEVICE": 1, "OUTPUT": "TEMPORARY_OUTPUT"})
+    message = str(raised.value)
+    assert '"Tile size"' in message
+    assert "--tile-size" not in message and "tile_size" not in message
+
+
+def test_setting_names_come_from_the_parameter_labels(provider, plugin_name):
+    import qgis.utils
+    from casd_core.errors import CasdError, param
+    from qgis.core import QgsApplication
+
+    package = qgis.utils.plugins[plugin_name].__module__.rsplit(".", 1)[0]  # <plugin>.plugin
+    common = importlib.import_module(f"{package}.algorithms.common")
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById("casd:classifyfolder")
+    name_of = common.dialog_names(algorithm, {"unit": "TILE_UNIT", "out_dir": "OUTPUT_FOLDER"})
+    error = CasdError(f"{param('nodata_threshold')}, {param('unit')}, {param('out_dir')}, {param('aoi_crs')}")
+    assert error.render(name_of) == '"Nodata threshold", "Tile size unit", "Output folder", aoi crs'
+
+
 def test_cancel_stops_early_and_leaves_no_output(provider, rasters, tiny_package, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
@@ -135,10 +197,15 @@ def test_classify_folder_writes_one_styled_file_per_raster_and_skips_existing(pr
 
     params = {"INPUT_FOLDER": str(rasters), "MODEL": str(tiny_package), "TILE_SIZE": 200, "TILE_UNIT": 1,
               "OUTPUT_FOLDER": str(tmp_path)}
-    first = processing.run("casd:classifyfolder", params)
+    feedback = Recording.feedback()
+    first = processing.run("casd:classifyfolder", params, feedback=feedback)
     outputs = sorted(p.name for p in tmp_path.glob("*.gpkg"))
     assert outputs == ["m_4709963_se_14_1_20200831.gpkg", "test_tiled.gpkg"]
     assert (first["CLASSIFIED"], first["SKIPPED"], first["FAILED"]) == (2, 0, 0)
+    reports = feedback.progress_reports
+    assert reports == sorted(reports) and reports[-1] == pytest.approx(100.0)
+    for raster in ("m_4709963_se_14_1_20200831.tif", "test_tiled.tif"):  # one log line per raster
+        assert len([text for text in feedback.texts if text.startswith(f"{raster}:")]) == 1, feedback.texts
     for name in outputs:
         layer = _vector_layer(str(tmp_path / name))
         assert layer.featureCount() > 0

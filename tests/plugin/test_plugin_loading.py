@@ -19,11 +19,16 @@ ALGORITHM_IDS = ("casd:classifyraster", "casd:classifyfolder", "casd:train", "ca
 def _flush_deferred_deletes() -> None:
     from qgis.PyQt.QtCore import QCoreApplication, QEvent
 
-    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
 
 
 def _casd_widgets(iface) -> dict[str, list]:
-    from qgis.PyQt.QtWidgets import QAction, QToolBar
+    from qgis.PyQt.QtWidgets import QToolBar
+
+    try:
+        from qgis.PyQt.QtGui import QAction  # Qt 6
+    except ImportError:
+        from qgis.PyQt.QtWidgets import QAction  # Qt 5
 
     window = iface.mainWindow()
     return {
@@ -120,7 +125,8 @@ def test_every_parameter_has_a_widget_in_the_dialog_the_batch_dialog_and_the_mod
     algorithm = QgsApplication.processingRegistry().algorithmById(algorithm_id)
     registry = QgsGui.processingGuiRegistry()
     for parameter in algorithm.parameterDefinitions():
-        for mode in (QgsProcessingGui.Standard, QgsProcessingGui.Batch, QgsProcessingGui.Modeler):
+        for mode in (QgsProcessingGui.WidgetType.Standard, QgsProcessingGui.WidgetType.Batch,
+                     QgsProcessingGui.WidgetType.Modeler):
             assert registry.createParameterWidgetWrapper(parameter, mode) is not None, (parameter.name(), mode)
 
 
