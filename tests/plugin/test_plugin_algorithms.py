@@ -150,19 +150,6 @@ def test_progress_moves_the_bar_up_to_100_and_logs_the_step_once(provider, raste
     assert feedback.texts == ["0/625 tiles"]  # one step (this raster's tiles): one line, not one per batch
 
 
-def test_a_bad_setting_is_named_as_the_dialog_names_it(provider, rasters, tiny_package):
-    import processing
-    from qgis.core import QgsProcessingException
-
-    with pytest.raises(QgsProcessingException) as raised:
-        processing.run("casd:classifyraster", {  # 1 km tiles on a 250 m raster
-            "INPUT": str(rasters / "test_tiled.tif"), "MODEL": str(tiny_package), "TILE_SIZE": 1000,
-            "DEVICE": 1, "OUTPUT": "TEMPORARY_OUTPUT"})
-    message = str(raised.value)
-    assert '"Tile size"' in message
-    assert "--tile-size" not in message and "tile_size" not in message
-
-
 def test_setting_names_come_from_the_parameter_labels(provider, plugin_name):
     import qgis.utils
     from casd_core.errors import CasdError, param
