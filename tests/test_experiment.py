@@ -33,7 +33,7 @@ def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tm
                                                            capsys: pytest.CaptureFixture) -> None:
     row = tmp_path / "tiny.toml"
     row.write_text('name = "tiny"\nmethod = "ce"\nsplit = "aid150/split_20.csv"\nepochs = 1\n'
-                   'subset_per_class = 3\nbatch_size = 16\nval_fraction = 0.34\nseeds = [0, 1]\n')
+                   'subset_per_class = 3\nbatch_size = 16\nval_fraction = 0.34\ninput_size = 150\nseeds = [0, 1]\n')
     runs = tmp_path / "runs"
     argv = ["experiment", str(row), "--runs", str(runs), "--data", str(shared_data), "--parallel", "2",
             "--loader-workers", "0"]
