@@ -25,7 +25,8 @@ from casd_core.atomic import atomic_path
 from casd_core.errors import CasdError, param
 
 FORMAT_NAME = "casd-model-package"
-FORMAT_VERSION = 1
+# 2: temperature and pixel_stats (version-1 files load with their defaults)
+FORMAT_VERSION = 2
 METADATA_KEY = "casd"
 
 # Colours that read naturally on a map for the AID classes; other classes get a palette colour.
@@ -61,6 +62,12 @@ class ModelPackage:
     uint16); ``mean``/``std`` are then applied per band. ``gsd_m`` is the nominal ground
     sample distance the model was trained at and ``tile_footprint_m`` the recommended ground
     size of one tile; both are ``None`` when unknown.
+
+    ``temperature`` divides the logits before the softmax so that scores are calibrated
+    (fitted on the validation split; 1.0 = not calibrated). ``pixel_stats`` describes the
+    training pixels per band in raw units (keys ``percentiles`` (the two levels, e.g. 0.5 and
+    99.5), ``low``, ``high``, ``mean``, ``std``), so inference can tell whether a raster's
+    values fit the model and map them when they do not; ``None`` when unknown.
     """
 
     backbone: str
@@ -73,6 +80,8 @@ class ModelPackage:
     value_scale: float = 255.0
     gsd_m: float | None = None
     tile_footprint_m: float | None = None
+    temperature: float = 1.0
+    pixel_stats: dict[str, list[float]] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -156,7 +165,8 @@ class ModelPackage:
             raise CasdError(f"{not_a_package}: {exc}") from None
         if not (len(package.class_names) == len(package.class_colors) > 0
                 and len(package.bands) == len(package.mean) == len(package.std) > 0
-                and package.input_size > 0 and package.value_scale > 0):
+                and package.input_size > 0 and package.value_scale > 0
+                and package.temperature > 0):
             raise CasdError(f"{not_a_package}: its class or band description is inconsistent")
         return package
 

@@ -61,7 +61,7 @@ def test_multiband_uint16_tiff_needs_an_explicit_scale(rasters: Path, tmp_path: 
     path = tmp_path / "chip.tif"
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(chip)
-    with pytest.raises(CasdError, match="value scale"):
+    with pytest.raises(CasdError, match="value_scale"):
         read_image(path)
     image = read_image(path, value_scale=10000.0)
     assert image.shape == (4, 64, 64)
