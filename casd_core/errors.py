@@ -13,6 +13,12 @@ from typing import Callable
 _PLACEHOLDER = re.compile("\x00([a-z][a-z0-9_]*)\x00")
 
 
+def render_params(text: str, name_of: Callable[[str], str] | None = None) -> str:
+    """``text`` with each :func:`param` placeholder named by ``name_of(key)`` (default: the key)."""
+    name_of = name_of or (lambda key: key)
+    return _PLACEHOLDER.sub(lambda match: name_of(match.group(1)), text)
+
+
 def param(key: str) -> str:
     """A placeholder for the setting ``key`` (a config field name, e.g. ``tile_size``) inside an
     error message; each front end fills in the name its user sees."""
@@ -37,8 +43,7 @@ class CasdError(Exception):
 
     def render(self, name_of: Callable[[str], str] | None = None) -> str:
         """The message with each setting named by ``name_of(key)`` (default: the key itself)."""
-        name_of = name_of or (lambda key: key)
-        return _PLACEHOLDER.sub(lambda match: name_of(match.group(1)), self.template)
+        return render_params(self.template, name_of)
 
     def __str__(self) -> str:
         return self.render()

@@ -44,11 +44,17 @@ class Monitor:
     """Progress sink and cancel flag for a long job.
 
     ``on_progress(event)`` gets every :class:`ProgressEvent`; ``is_cancelled()`` is polled
-    between batches/epochs.
+    between batches/epochs; ``on_warning(message)`` gets what the user should read although
+    the job goes on (e.g. that a raster's values were stretched).
     """
 
     on_progress: Callable[[ProgressEvent], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
+    on_warning: Callable[[str], None] | None = None
+
+    def warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
 
     def report(self, stage: str, done: int, total: int, item: str = "",
                rate: float | None = None, fraction: float | None = None) -> None:
@@ -65,14 +71,14 @@ class Monitor:
         their counts, get ``item`` when they have none, and their fraction is mapped into
         ``[start, start + span]`` of this job."""
         if self.on_progress is None:
-            return Monitor(is_cancelled=self.is_cancelled)
+            return Monitor(is_cancelled=self.is_cancelled, on_warning=self.on_warning)
         outer = self.on_progress
 
         def forward(event: ProgressEvent) -> None:
             outer(replace(event, item=event.item or item,
                           fraction=min(max(start + span * event.fraction, 0.0), 1.0)))
 
-        return Monitor(on_progress=forward, is_cancelled=self.is_cancelled)
+        return Monitor(on_progress=forward, is_cancelled=self.is_cancelled, on_warning=self.on_warning)
 
     def check_cancelled(self) -> None:
         """Raise :class:`Cancelled` if the caller asked to stop."""

@@ -8,6 +8,10 @@ import sqlite3
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+# The class name of tiles that abstained (too unsure), and their colour.
+UNCERTAIN = "uncertain"
+UNCERTAIN_COLOR = "#9e9e9e"
+
 
 def _rgba(color: str, alpha: int = 255) -> str:
     value = color.lstrip("#")
@@ -48,13 +52,15 @@ def _fill_symbol(name: str, color: str) -> str:
 
 
 def qml_style(package: Any) -> str:
-    """A QGIS 3 style (QML): categorised on ``class_name``, one category per package class."""
+    """A QGIS 3 style (QML): categorised on ``class_name``, one category per package class,
+    and a grey one for tiles that abstained (``uncertain``)."""
+    names = [*package.class_names, UNCERTAIN]
+    colors = [*package.class_colors, UNCERTAIN_COLOR]
     categories = "\n".join(
         f"      <category render=\"true\" symbol=\"{i}\" value={quoteattr(name)} "
         f"label={quoteattr(name)}/>"
-        for i, name in enumerate(package.class_names))
-    symbols = "\n".join(_fill_symbol(str(i), color)
-                        for i, color in enumerate(package.class_colors))
+        for i, name in enumerate(names))
+    symbols = "\n".join(_fill_symbol(str(i), color) for i, color in enumerate(colors))
     return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 <qgis styleCategories="Symbology" version="3.22.0">
   <renderer-v2 attr="class_name" enableorderby="0" forceraster="0" symbollevels="0" type="categorizedSymbol">
@@ -65,7 +71,7 @@ def qml_style(package: Any) -> str:
 {symbols}
     </symbols>
     <source-symbol>
-{_fill_symbol("0", "#9e9e9e")}
+{_fill_symbol("0", UNCERTAIN_COLOR)}
     </source-symbol>
     <rotation/>
     <sizescale/>

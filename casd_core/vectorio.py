@@ -126,6 +126,7 @@ class _Columns:
         self.values: dict[str, Any] = {
             name: [] if kind == "str" else array.array("q" if kind.startswith("int") else "d")
             for name, kind in fields}
+        self.null_rows: dict[str, list[int]] = {}  # integer fields: rows written as null
 
     def append(self, geometry: BaseGeometry | bytes, record: dict[str, Any]) -> None:
         self.geometry.append(geometry if isinstance(geometry, bytes) else shapely.to_wkb(geometry))
@@ -134,12 +135,28 @@ class _Columns:
             if kind == "str":
                 self.values[name].append(value)
             elif kind.startswith("int"):
+                if value is None:
+                    self.null_rows.setdefault(name, []).append(len(self.geometry) - 1)
                 self.values[name].append(0 if value is None else int(value))
             else:  # NaN is written as null
                 self.values[name].append(math.nan if value is None else float(value))
 
     def __len__(self) -> int:
         return len(self.geometry)
+
+    def masks(self) -> list[np.ndarray | None] | None:
+        """Per field, where it is null (integer fields only; NaN floats are null anyway)."""
+        if not self.null_rows:
+            return None
+        out = []
+        for name, _ in self.fields:
+            rows = self.null_rows.get(name)
+            mask = None
+            if rows:
+                mask = np.zeros(len(self), dtype=bool)
+                mask[rows] = True
+            out.append(mask)
+        return out
 
     def arrays(self) -> tuple[np.ndarray, list[np.ndarray]]:
         geometry = np.empty(len(self.geometry), dtype=object)
@@ -164,8 +181,10 @@ def layer_name_for(path: str | os.PathLike) -> str:
 
 
 def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str | None,
-                package: Any | None, geometry_type: str = "Polygon") -> Path:
-    """Write buffered features atomically, with the package's style when it is given."""
+                package: Any | None, geometry_type: str = "Polygon",
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write buffered features atomically, with the package's style when it is given and
+    ``metadata`` as the layer's metadata items (GeoPackage, FlatGeobuf; GeoJSON has none)."""
     pyogrio = _pyogrio()
     path = Path(path)
     key = resolve_format(path, fmt)
@@ -183,7 +202,8 @@ def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str |
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 pyogrio.raw.write(str(tmp), geometry, data, [name for name, _ in columns.fields],
-                                  layer=layer, driver=driver,
+                                  field_mask=columns.masks(), layer=layer, driver=driver,
+                                  layer_metadata=metadata if key != "geojson" else None,
                                   geometry_type=geometry_type, crs=crs_wkt,
                                   promote_to_multi=geometry_type.startswith("Multi"))
             if qml is not None and key == "gpkg":
@@ -197,7 +217,7 @@ def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str |
 
 def write_predictions(predictions: Iterable[Any], path: str | os.PathLike, crs: Any,
                       fmt: str | None = None, package: Any | None = None,
-                      dissolve: bool = False) -> int:
+                      dissolve: bool = False, metadata: dict[str, str] | None = None) -> int:
     """Write tile predictions (objects with ``geometry`` and the :data:`OUTPUT_FIELDS`) to
     ``path`` atomically; returns the number of features written.
 
@@ -214,7 +234,7 @@ def write_predictions(predictions: Iterable[Any], path: str | os.PathLike, crs: 
     geometry_type = "Polygon"
     if dissolve:
         columns, geometry_type = dissolve_columns(columns), "MultiPolygon"
-    write_layer(columns, path, crs, fmt, package, geometry_type)
+    write_layer(columns, path, crs, fmt, package, geometry_type, metadata)
     return len(columns)
 
 
@@ -235,10 +255,11 @@ def dissolve_columns(columns: _Columns) -> _Columns:
         for neighbour in ((values["row"][i] + 1, values["col"][i]),
                           (values["row"][i], values["col"][i] + 1)):
             j = position.get(neighbour)
-            if j is not None and values["class_id"][j] == values["class_id"][i]:
+            if j is not None and values["class_name"][j] == values["class_name"][i]:
                 root_i, root_j = find(i), find(j)
                 if root_i != root_j:
                     parent[root_j] = root_i
+    abstained = set(columns.null_rows.get("class_id", ()))
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(find(i), []).append(i)
@@ -248,7 +269,7 @@ def dissolve_columns(columns: _Columns) -> _Columns:
         region = shapely.union_all(polygons)
         first = members[0]
         out.append(region, {
-            "class_id": values["class_id"][first],
+            "class_id": None if first in abstained else values["class_id"][first],
             "class_name": values["class_name"][first],
             "score": float(np.mean([values["score"][i] for i in members])),
             "margin": float(np.mean([values["margin"][i] for i in members])),

@@ -23,7 +23,7 @@ from casd_core.inference import TilePrediction, classify_raster
 from casd_core.package import ModelPackage
 from casd_core.tiling import TilingConfig
 from casd_core.atomic import remove_stale_partials
-from casd_core.style import qml_style
+from casd_core.style import UNCERTAIN, qml_style
 from casd_core.vectorio import DISSOLVED_FIELDS, OUTPUT_FIELDS, read_aoi, write_predictions
 from helpers import AID_CLASSES, build_test_package
 
@@ -96,8 +96,8 @@ def test_qml_is_a_categorised_renderer_with_package_colours(package):
     renderer = root.find("renderer-v2")
     assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_name"
     categories = renderer.findall("categories/category")
-    assert [c.get("value") for c in categories] == package.class_names
-    assert [c.get("label") for c in categories] == package.class_names
+    assert [c.get("value") for c in categories] == [*package.class_names, UNCERTAIN]
+    assert [c.get("label") for c in categories] == [*package.class_names, UNCERTAIN]
     symbols = {s.get("name"): s for s in renderer.findall("symbols/symbol")}
     forest = categories[package.class_names.index("Forest")]
     colour = symbols[forest.get("symbol")].find("layer/Option/Option[@name='color']").get("value")
@@ -208,5 +208,5 @@ def test_geopackage_opens_styled_in_qgis(rasters, tmp_path, package):
         assert result["valid"] and result["crs"] == "EPSG:28992" and result["count"] == 25
         assert [name for name in result["fields"] if name != "fid"] == [n for n, _ in OUTPUT_FIELDS]
         assert result["renderer"] == "categorizedSymbol" and result["attr"] == "class_name"
-        assert result["categories"] == package.class_names
+        assert result["categories"] == [*package.class_names, UNCERTAIN]
         assert result["forest"] == package.class_colors[package.class_names.index("Forest")].lower()

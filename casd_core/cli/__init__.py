@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from casd_core.cli.common import flag_names
+from casd_core.cli.common import name_of_flag
 from casd_core.cli.predict import add_batch_parser, add_predict_parser
 from casd_core.cli.training import add_evaluate_parser, add_experiment_parser, add_train_parser
 from casd_core.errors import CasdError
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except CasdError as exc:
-        names = flag_names(args.parser)
-        message = exc.render(lambda key: names.get(key, "--" + key.replace("_", "-")))
-        print(f"casd {args.command}: error: {message}", file=sys.stderr)
+        print(f"casd {args.command}: error: {exc.render(name_of_flag(args.parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"casd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

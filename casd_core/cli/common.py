@@ -41,6 +41,12 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
     return bands
 
 
+def name_of_flag(parser: argparse.ArgumentParser) -> Callable[[str], str]:
+    """Names a setting's key as this command's user types it (for error and warning texts)."""
+    names = flag_names(parser)
+    return lambda key: names.get(key, "--" + key.replace("_", "-"))
+
+
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Config key (an option's dest) -> what the user types: ``--tile-size``, or ``RASTER``."""
     names = {}

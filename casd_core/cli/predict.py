@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from casd_core.cli.common import add_command, default_of, parse_bands
+from casd_core.cli.common import add_command, default_of, name_of_flag, parse_bands
 from casd_core.errors import CasdError, param
 from casd_core.inference import InferenceConfig
+from casd_core.inference.radiometry import STRETCHES, RadiometryConfig
 from casd_core.progress import ProgressEvent
 from casd_core.tiling import TilingConfig
 
@@ -67,6 +68,27 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--aoi", type=Path, help="only tiles overlapping the polygons of this vector file")
     t.add_argument("--dissolve", action="store_true",
                    help="merge adjacent tiles of the same class into region polygons")
+    values = (lambda name: default_of(RadiometryConfig, name))
+    v = p.add_argument_group("pixel values and nodata")
+    v.add_argument("--stretch", choices=list(STRETCHES), default=values("stretch"),
+                   help="auto: feed values that fit the model raw and map others with one gain "
+                        "(see docs); none: raw; percentile: per-band cumulative cut; minmax: per band")
+    v.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   default=list(values("percentiles")), help="the cut of --stretch percentile, in %%")
+    v.add_argument("--value-range", nargs=2, metavar=("MIN", "MAX"),
+                   help="map MIN..MAX linearly onto the model's range (overrides --stretch); one "
+                        "value, or one per band: --value-range 0,0,0 3000,3200,2800")
+    v.add_argument("--nodata", type=float,
+                   help="a value that marks nodata in every band (default: the raster's own flag)")
+    v.add_argument("--auto-nodata", action=argparse.BooleanOptionalAction, default=values("auto_nodata"),
+                   help="without a nodata flag, treat constant 0/255 regions at the border as nodata")
+    lab = p.add_argument_group("labels")
+    lab.add_argument("--min-score", type=float,
+                     help="tiles whose calibrated top probability is lower get no class ('uncertain')")
+    lab.add_argument("--tta", action="store_true",
+                     help="average the 8 flips and 90° rotations of each tile (8x slower)")
+    lab.add_argument("--smooth", action="store_true",
+                     help="with --overlap: average overlapping windows onto non-overlapping cells")
     r = p.add_argument_group("hardware")
     r.add_argument("--batch-size", type=int, default=run("batch_size"), help="tiles per model call")
     r.add_argument("--device", default=run("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -85,7 +107,33 @@ def _tiling_from_args(args: argparse.Namespace) -> TilingConfig:
 
 
 def _inference_from_args(args: argparse.Namespace) -> InferenceConfig:
-    return InferenceConfig(batch_size=args.batch_size, device=args.device, workers=args.workers)
+    return InferenceConfig(batch_size=args.batch_size, device=args.device, workers=args.workers,
+                           tta=args.tta, min_score=args.min_score, smooth=args.smooth)
+
+
+def _radiometry_from_args(args: argparse.Namespace) -> RadiometryConfig:
+    value_range = None
+    if args.value_range:
+        try:
+            value_range = tuple(tuple(float(v) for v in text.split(",")) for text in args.value_range)
+        except ValueError:
+            raise CasdError(f"{param('value_range')} {' '.join(args.value_range)} must be numbers, e.g. "
+                            "0 4095 or 0,0,0 3000,3200,2800") from None
+    return RadiometryConfig(stretch=args.stretch, percentiles=tuple(args.percentiles),
+                            value_range=value_range, nodata=args.nodata, auto_nodata=args.auto_nodata)
+
+
+def _monitor(args: argparse.Namespace, bar: "_ProgressBar"):
+    from casd_core.errors import render_params
+    from casd_core.progress import Monitor
+
+    name_of = name_of_flag(args.parser)
+
+    def warn(message: str) -> None:
+        bar.close()
+        print(f"casd {args.command}: warning: {render_params(message, name_of)}", file=sys.stderr)
+
+    return Monitor(on_progress=bar, on_warning=warn)
 
 
 class _ProgressBar:
@@ -119,38 +167,39 @@ class _ProgressBar:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from casd_core.inference import classify_raster
-    from casd_core.progress import Monitor
 
     if args.output.exists() and not args.overwrite:
         raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")
-    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    tiling, inference, radiometry = _tiling_from_args(args), _inference_from_args(args), _radiometry_from_args(args)
     bar = _ProgressBar(args.quiet)
     try:
         summary = classify_raster(args.raster, args.output, model=args.model, tiling=tiling,
                                   inference=inference, fmt=args.format, dissolve=args.dissolve,
-                                  monitor=Monitor(on_progress=bar))
+                                  monitor=_monitor(args, bar), radiometry=radiometry)
     finally:
         bar.close()
     top = ", ".join(f"{name} {count}" for name, count in list(summary.class_counts.items())[:5])
     print(f"wrote {summary.output}: {summary.features} feature(s) from {summary.tiles} tile(s), "
-          f"{summary.skipped_nodata} skipped as nodata, {summary.seconds:.1f} s "
+          f"{summary.skipped_nodata} skipped as nodata ({summary.nodata_share:.0%}), "
+          f"{summary.uncertain} uncertain ({summary.uncertain_share:.0%}), {summary.seconds:.1f} s "
           f"({summary.tiles_per_second:.1f} tiles/s)")
     print(f"most frequent classes: {top}")
+    print(f"values: {summary.values['casd_stretch']}; padding: {summary.values['casd_padding']}")
     return 0
 
 
 def _run_batch(args: argparse.Namespace) -> int:
     from casd_core.inference import classify_folder
-    from casd_core.progress import Monitor
 
-    tiling, inference = _tiling_from_args(args), _inference_from_args(args)
+    tiling, inference, radiometry = _tiling_from_args(args), _inference_from_args(args), _radiometry_from_args(args)
     bar = _ProgressBar(args.quiet)
     try:
         summary = classify_folder(args.folder, args.output, model=args.model, tiling=tiling,
                                   inference=inference, recursive=not args.no_recursive,
                                   overwrite=args.overwrite, merged=args.merged, fmt=args.format,
-                                  monitor=Monitor(on_progress=bar), dissolve=args.dissolve)
+                                  monitor=_monitor(args, bar), dissolve=args.dissolve,
+                                  radiometry=radiometry)
     finally:
         bar.close()
-    print(summary.table())
+    print(summary.table(name_of_flag(args.parser)))
     return 1 if summary.failed else 0

@@ -6,14 +6,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rasterio.errors import RasterioIOError
 
 from casd_core import vectorio
 from casd_core.atomic import remove_stale_partials
-from casd_core.errors import Cancelled, CasdError, param
-from casd_core.inference.pipeline import InferenceConfig, classify_raster, predictor_for
+from casd_core.errors import Cancelled, CasdError, param, render_params
+from casd_core.inference.pipeline import InferenceConfig, RasterSummary, classify_raster, predictor_for
+from casd_core.inference.radiometry import RadiometryConfig
 from casd_core.progress import Monitor
 from casd_core.tiling import TilingConfig
 
@@ -22,15 +23,24 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 
 @dataclass
 class FileResult:
-    """One raster of a batch: ``status`` is "done", "skipped" (output existed) or "failed"."""
+    """One raster of a batch: ``status`` is "done", "skipped" (output existed) or "failed";
+    ``details`` is what :func:`classify_raster` reported for a raster that was done, and
+    ``message`` why one failed (settings named by key, see :func:`casd_core.errors.param`)."""
 
     raster: Path
     output: Path
     status: str
-    tiles: int = 0
-    labelled: int = 0
+    details: RasterSummary | None = None
     seconds: float = 0.0
     message: str = ""
+
+    @property
+    def tiles(self) -> int:
+        return self.details.tiles if self.details else 0
+
+    @property
+    def labelled(self) -> int:
+        return self.details.labelled if self.details else 0
 
 
 @dataclass
@@ -49,21 +59,25 @@ class BatchSummary:
     def failed(self) -> int:
         return self.count("failed")
 
-    def table(self) -> str:
-        """A plain-text table: one row per raster, then totals."""
-        rows = [("raster", "status", "tiles", "labelled", "seconds", "output / message")]
+    def table(self, name_of: Callable[[str], str] | None = None) -> str:
+        """A plain-text table, one row per raster (tiles, labelled features, share of tiles
+        skipped as nodata, share of features uncertain, the stretch applied), then totals.
+        ``name_of`` names settings in failure messages as the reader's front end does."""
+        header = ("raster", "status", "tiles", "labelled", "nodata", "uncertain", "seconds", "stretch")
+        rows = [(*header, "output / message")]
         for r in self.results:
             try:
                 shown = r.raster.relative_to(self.folder)
             except ValueError:
                 shown = r.raster
-            detail = r.message if r.status == "failed" else str(r.output)
-            rows.append((str(shown), r.status, str(r.tiles) if r.tiles else "-",
-                         str(r.labelled) if r.labelled else "-",
-                         f"{r.seconds:.1f}" if r.seconds else "-", detail))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5]
-                 for row in rows]
+            d = r.details
+            detail = render_params(r.message, name_of) if r.status == "failed" else str(r.output)
+            rows.append((str(shown), r.status, str(d.tiles) if d else "-", str(d.labelled) if d else "-",
+                         f"{d.nodata_share:.0%}" if d else "-", f"{d.uncertain_share:.0%}" if d else "-",
+                         f"{r.seconds:.1f}" if r.seconds else "-",
+                         d.values.get("casd_stretch", "-").split(" (")[0] if d else "-", detail))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 16)
         totals = (f"{len(self.results)} raster(s): {self.count('done')} done, "
                   f"{self.count('skipped')} skipped (already done), {self.failed} failed")
@@ -93,7 +107,7 @@ def classify_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, model
                     tiling: TilingConfig | None = None, inference: InferenceConfig | None = None,
                     recursive: bool = True, overwrite: bool = False, merged: bool = False,
                     fmt: str = "gpkg", monitor: Monitor | None = None,
-                    dissolve: bool = False) -> BatchSummary:
+                    dissolve: bool = False, radiometry: RadiometryConfig | None = None) -> BatchSummary:
     """Classify every raster of a folder into ``out_dir``: one output per raster.
 
     Loads the model once. Resumable: a raster whose output exists is skipped unless
@@ -136,14 +150,13 @@ def classify_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, model
         start = time.perf_counter()
         try:
             result = classify_raster(raster, output, predictor, tiling, inference, key,
-                                     dissolve, file_monitor)
-            summary.results.append(FileResult(raster, output, "done", result.tiles,
-                                              result.labelled, result.seconds))
+                                     dissolve, file_monitor, radiometry)
+            summary.results.append(FileResult(raster, output, "done", result, result.seconds))
         except Cancelled:
             raise
         except CasdError as exc:
             summary.results.append(FileResult(raster, output, "failed",
-                                              seconds=time.perf_counter() - start, message=str(exc)))
+                                              seconds=time.perf_counter() - start, message=exc.template))
         except (RasterioIOError, OSError, ValueError, RuntimeError) as exc:
             # A file that opened fine but broke mid-read (corrupt block, vanished disk).
             summary.results.append(FileResult(raster, output, "failed",

@@ -21,7 +21,6 @@ process wants the cores, where a spinning team of OpenMP threads runs 2-10x slow
 from __future__ import annotations
 
 import collections
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +31,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from rasterio.env import get_gdal_config, set_gdal_config
-from rasterio.windows import Window
-from shapely.geometry import Polygon
 
 from casd_core import vectorio
 from casd_core.errors import CasdError, param
+from casd_core.inference.labels import CellAverager, Placed, TilePrediction, label
 from casd_core.inference.predictor import Predictor
+from casd_core.inference.radiometry import RadiometryConfig
 from casd_core.inference.raster import RasterPlan, plan_raster
 from casd_core.inference.reader import TileReader
 from casd_core.progress import Monitor
@@ -47,45 +46,31 @@ from casd_core.tiling import Tile, TileGrid, TilingConfig
 
 @dataclass
 class InferenceConfig:
-    """How to run the model: tiles per batch, device ("auto", "cpu", "cuda", "cuda:1", "mps")
-    and background reader threads (0 reads in the calling thread, without overlap). One
-    reader is right almost always: every extra reader keeps its own dataset handle, and
-    blocks that two readers touch are decoded twice (2 readers read slower than 1 here).
+    """How to run the model and label its output.
+
+    ``batch_size`` tiles per forward pass; ``device`` "auto", "cpu", "cuda", "cuda:1", "mps";
+    ``workers`` background reader threads (0 reads in the calling thread, without overlap;
+    one is right almost always: every extra reader keeps its own dataset handle, and blocks
+    that two readers touch are decoded twice). ``tta`` averages the 8 flips/rotations of each
+    tile (8x the cost); ``min_score`` makes tiles whose calibrated top probability is lower
+    abstain ("uncertain"); ``smooth`` averages overlapping windows onto the cells their edges
+    make (see :mod:`casd_core.inference.labels`).
     """
 
     batch_size: int = 32
     device: str = "auto"
     workers: int = 1
+    tta: bool = False
+    min_score: float | None = None
+    smooth: bool = False
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise CasdError(f"{param('batch_size')} {self.batch_size} must be at least 1")
         if self.workers < 0:
             raise CasdError(f"{param('workers')} {self.workers} must be 0 or more")
-
-
-
-@dataclass
-class TilePrediction:
-    """One classified tile: its ground polygon (raster CRS) and the output fields."""
-
-    geometry: Polygon
-    row: int
-    col: int
-    window: Window
-    class_id: int
-    class_name: str
-    score: float
-    margin: float
-    entropy: float
-    top1_class: str
-    top1_prob: float
-    top2_class: str | None
-    top2_prob: float | None
-    top3_class: str | None
-    top3_prob: float | None
-    nodata_fraction: float
-    model: str
+        if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
+            raise CasdError(f"{param('min_score')} {self.min_score} must be a probability in [0, 1]")
 
 
 def _batches(grid: TileGrid, size: int) -> Iterator[list[Tile]]:
@@ -110,7 +95,8 @@ class _LoadedBatch:
 class TileStream:
     """Iterator over the :class:`TilePrediction` of one raster (see the module doc).
 
-    Counters (``total``, ``labelled``, ``skipped_nodata``) are filled while iterating. A
+    Counters (``total`` windows; ``labelled`` features, of which ``uncertain`` abstained;
+    ``skipped_nodata`` windows) are filled while iterating. A
     raster whose tiles are all skipped raises :class:`CasdError` at the end, having yielded
     nothing.
     """
@@ -123,6 +109,7 @@ class TileStream:
         self.monitor = monitor
         self.total = len(plan.grid)
         self.labelled = 0
+        self.uncertain = 0
         self.skipped_nodata = 0
         self._iterator = self._run()
 
@@ -141,6 +128,8 @@ class TileStream:
         keep = np.flatnonzero(fractions <= self.plan.nodata_threshold)
         staged = None
         if len(keep):
+            if self.plan.mapping is not None:
+                raw = self.plan.mapping.apply(raw, band_axis=1)
             staged = self.predictor.stage(raw)
             if len(keep) < len(tiles):
                 staged = staged[torch.from_numpy(keep)] if isinstance(staged, torch.Tensor) \
@@ -168,14 +157,11 @@ class TileStream:
             executor.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> Iterator[TilePrediction]:
-        plan, predictor, monitor = self.plan, self.predictor, self.monitor
-        names = predictor.class_names
-        k = min(3, len(names))
-        log_k = math.log(len(names)) if len(names) > 1 else 1.0
-        threshold = plan.nodata_threshold
+        plan, predictor, monitor, inference = self.plan, self.predictor, self.monitor, self.inference
         reader = TileReader(plan)
+        averager = CellAverager(plan.grid) if inference.smooth else None
         done = 0
-        start = time.perf_counter()
+        began = time.perf_counter()
         monitor.report("tiles", 0, self.total)
         # GDAL's block cache is process-wide (default 5% of RAM): cap it while reading so
         # memory stays flat on huge rasters; restored afterwards.
@@ -189,52 +175,65 @@ class TileStream:
                 self.skipped_nodata += len(tiles) - len(keep)
                 if len(keep):
                     start = time.perf_counter()
-                    probs = predictor.predict_staged(batch.staged)
+                    probs = predictor.predict_staged(batch.staged, inference.tta)
                     tuner.record(len(keep), time.perf_counter() - start)
-                    top_p, top_i = torch.topk(probs, k, dim=1)
-                    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / log_k
-                    top_p, top_i = top_p.tolist(), top_i.tolist()
-                    entropy = entropy.tolist()
-                    for j, index in enumerate(keep):
-                        tile = tiles[index]
-                        p, c = top_p[j], top_i[j]
-                        second = p[1] if k > 1 else 0.0
-                        yield TilePrediction(
-                            geometry=tile.polygon, row=tile.row, col=tile.col, window=tile.window,
-                            class_id=c[0], class_name=names[c[0]], score=p[0],
-                            margin=p[0] - second, entropy=max(0.0, entropy[j]),
-                            top1_class=names[c[0]], top1_prob=p[0],
-                            top2_class=names[c[1]] if k > 1 else None,
-                            top2_prob=p[1] if k > 1 else None,
-                            top3_class=names[c[2]] if k > 2 else None,
-                            top3_prob=p[2] if k > 2 else None,
-                            nodata_fraction=float(fractions[index]), model=predictor.name)
-                        self.labelled += 1
+                    if averager is None:
+                        places = [Placed(tiles[i].polygon, tiles[i].row, tiles[i].col, tiles[i].window,
+                                         float(fractions[i])) for i in keep]
+                        yield from self._labelled(probs, places)
+                    else:
+                        for j, i in enumerate(keep):
+                            for cells, places in averager.add(tiles[i], probs[j].numpy(), float(fractions[i])):
+                                yield from self._labelled(torch.from_numpy(cells), places)
                 done += len(tiles)
                 monitor.report("tiles", done, self.total,
-                               rate=done / max(time.perf_counter() - start, 1e-9))
+                               rate=done / max(time.perf_counter() - began, 1e-9))
+            if averager is not None:
+                for cells, places in averager.finish():
+                    yield from self._labelled(torch.from_numpy(cells), places)
             if self.labelled == 0:
                 raise CasdError(
-                    f"every tile of {plan.name} has more than {threshold:.0%} nodata, so nothing "
-                    f"was labelled; check the nodata value or raise {param('nodata_threshold')}")
+                    f"every tile of {plan.name} has more than {plan.nodata_threshold:.0%} nodata, so "
+                    f"nothing was labelled; check the nodata value or raise {param('nodata_threshold')}")
         finally:
             reader.close()
             tuner.restore()
             if isinstance(previous_cache, int):
                 set_gdal_config("GDAL_CACHEMAX", previous_cache)
 
+    def _labelled(self, probabilities: torch.Tensor, places: list[Placed]) -> list[TilePrediction]:
+        predictions = label(probabilities.float(), places, self.predictor.class_names,
+                            self.predictor.name, self.inference.min_score)
+        self.labelled += len(predictions)
+        self.uncertain += sum(1 for p in predictions if p.class_id is None)
+        return predictions
+
 
 def iter_tile_predictions(raster_path: str | os.PathLike, predictor: Predictor,
                           tiling: TilingConfig | None = None,
                           inference: InferenceConfig | None = None,
-                          monitor: Monitor | None = None) -> TileStream:
+                          monitor: Monitor | None = None,
+                          radiometry: RadiometryConfig | None = None) -> TileStream:
     """Validate the raster and settings now (raising :class:`CasdError`), then stream
-    predictions tile by tile, reading in the background while the model runs."""
+    predictions tile by tile, reading in the background while the model runs. A value
+    mapping chosen for the raster is announced through ``monitor.warn``."""
     tiling = tiling or TilingConfig()
     inference = inference or InferenceConfig()
     inference.validate()
-    plan = plan_raster(raster_path, predictor.package, tiling)
-    return TileStream(plan, predictor, inference, monitor or Monitor())
+    monitor = monitor or Monitor()
+    plan = plan_raster(raster_path, predictor.package, tiling, radiometry)
+    if plan.mapping is not None:
+        monitor.warn(f"{plan.name}: its values do not fit the model's, so they are mapped: "
+                     f"{plan.mapping.description} (set {param('stretch')} to none to feed them raw)")
+    return TileStream(plan, predictor, inference, monitor)
+
+
+def describe_values(plan: RasterPlan) -> dict[str, str]:
+    """How a raster's values were treated, for the summary and the output layer's metadata."""
+    return {"casd_stretch": plan.mapping.description if plan.mapping is not None else "none (raw values)",
+            "casd_padding": (f"{plan.padding.fraction:.1%} of the raster (constant "
+                             f"{'/'.join(f'{v:g}' for v in plan.padding.values)} at the border)"
+                             if plan.padding is not None else "none")}
 
 
 
@@ -250,10 +249,20 @@ class RasterSummary:
     features: int
     seconds: float
     class_counts: dict[str, int] = field(default_factory=dict)
+    uncertain: int = 0
+    values: dict[str, str] = field(default_factory=dict)  # describe_values()
 
     @property
     def tiles_per_second(self) -> float:
         return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def nodata_share(self) -> float:
+        return self.skipped_nodata / self.tiles if self.tiles else 0.0
+
+    @property
+    def uncertain_share(self) -> float:
+        return self.uncertain / self.labelled if self.labelled else 0.0
 
 
 class _Counting:
@@ -279,7 +288,8 @@ def predictor_for(model: Any, device: str) -> Predictor:
 def classify_raster(raster: str | os.PathLike, output: str | os.PathLike, model: Any = None,
                     tiling: TilingConfig | None = None, inference: InferenceConfig | None = None,
                     fmt: str | None = None, dissolve: bool = False,
-                    monitor: Monitor | None = None) -> RasterSummary:
+                    monitor: Monitor | None = None,
+                    radiometry: RadiometryConfig | None = None) -> RasterSummary:
     """Classify every tile of ``raster`` and write the labelled grid to ``output``.
 
     ``model``: a package path, a :class:`ModelPackage`, a loaded :class:`Predictor`, or
@@ -294,16 +304,18 @@ def classify_raster(raster: str | os.PathLike, output: str | os.PathLike, model:
     key = vectorio.resolve_format(output, fmt)
     predictor = predictor_for(model, inference.device)
     start = time.perf_counter()
-    stream = iter_tile_predictions(raster, predictor, tiling, inference, monitor)
+    stream = iter_tile_predictions(raster, predictor, tiling, inference, monitor, radiometry)
     vectorio.check_writable(output)  # after the cheap checks, before the long run
     counting = _Counting(stream)
+    values = describe_values(stream.plan)
     try:
         features = vectorio.write_predictions(counting, output, stream.plan.crs, key,
-                                              predictor.package, dissolve=dissolve)
+                                              predictor.package, dissolve=dissolve, metadata=values)
     finally:
         stream.close()
     return RasterSummary(raster=Path(raster), output=output, tiles=stream.total,
                          labelled=stream.labelled, skipped_nodata=stream.skipped_nodata,
                          features=features, seconds=time.perf_counter() - start,
-                         class_counts=dict(counting.counts.most_common()))
+                         class_counts=dict(counting.counts.most_common()),
+                         uncertain=stream.uncertain, values=values)
 

@@ -16,6 +16,7 @@ import torch
 from casd_core.errors import CasdError, param
 from casd_core.package import ModelPackage, default_model_path
 from casd_core.runtime import prepare_cpu, resolve_device
+from casd_core.tta import averaged_probabilities
 
 
 class Predictor:
@@ -77,18 +78,22 @@ class Predictor:
         x = x.to(self.device, non_blocking=True).float()
         return x.mul_(self._scale).sub_(self._offset)
 
-    @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu()
+            return self.model(x)
 
     @torch.inference_mode()
-    def predict_raw(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self.predict(self.preprocess(raw))
+    def predict(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Calibrated probabilities (softmax of logits / the package's temperature); with
+        ``tta``, averaged over the 8 flips and rotations of each tile (8x the cost)."""
+        x = batch.to(self.device, non_blocking=True)
+        return averaged_probabilities(self._logits, x, self.package.temperature, tta).cpu()
+
+    @torch.inference_mode()
+    def predict_raw(self, raw: np.ndarray | torch.Tensor, tta: bool = False) -> torch.Tensor:
+        return self.predict(self.preprocess(raw), tta)
 
     def stage(self, raw: np.ndarray) -> np.ndarray | torch.Tensor:
         """The host-side part of preprocessing, safe on any thread.
@@ -110,9 +115,9 @@ class Predictor:
             np.subtract(x[..., band], self._offset[0, band, 0, 0].item(), out=x[..., band])
         return torch.from_numpy(x).permute(0, 3, 1, 2)
 
-    def predict_staged(self, staged: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_staged(self, staged: np.ndarray | torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Probabilities for the output of :meth:`stage`."""
         if isinstance(staged, torch.Tensor):
-            return self.predict(staged)
-        return self.predict_raw(staged)
+            return self.predict(staged, tta)
+        return self.predict_raw(staged, tta)
 

@@ -21,6 +21,9 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 
 from casd_core.errors import CasdError, param
+from casd_core.inference.padding import PaddingMask, detect_padding, padding_values
+from casd_core.inference.radiometry import (SAMPLE_PIXELS, RadiometryConfig, ValueMapping,
+                                            choose_mapping)
 from casd_core.package import ModelPackage
 from casd_core.tiling import TileGrid, TilingConfig, tile_grid
 
@@ -46,6 +49,8 @@ class RasterPlan:
     crs: Any
     cache_bytes: int
     nodata_threshold: float
+    mapping: ValueMapping | None = None  # raw values → the model's value range (radiometry.py)
+    padding: PaddingMask | None = None  # border padding treated as nodata (padding.py)
 
     @property
     def name(self) -> str:
@@ -114,10 +119,13 @@ def select_bands(dataset: Any, package: ModelPackage, requested: tuple[int, ...]
     return tuple(range(1, need + 1))
 
 
-def plan_raster(raster: str | os.PathLike, package: ModelPackage,
-                tiling: TilingConfig) -> RasterPlan:
-    """Validate a raster against a package and tiling; raise one clear CasdError if unfit."""
+def plan_raster(raster: str | os.PathLike, package: ModelPackage, tiling: TilingConfig,
+                radiometry: RadiometryConfig | None = None) -> RasterPlan:
+    """Validate a raster against a package and tiling; raise one clear CasdError if unfit.
+    Decides, from one decimated read, the value mapping and the padding mask."""
     tiling.validate()
+    radiometry = radiometry or RadiometryConfig()
+    radiometry.validate()
     path = Path(raster)
     with open_raster(path) as dataset:
         name = path.name
@@ -142,23 +150,45 @@ def plan_raster(raster: str | os.PathLike, package: ModelPackage,
             mask_mode = "nodata"
         else:
             mask_mode = "mask"
-        fill = np.array([m * package.value_scale for m in package.mean], dtype=np.float64)
-        if np.dtype(dtype).kind in "ui":
-            info = np.iinfo(dtype)
-            fill = np.clip(np.round(fill), info.min, info.max)
-        fill = fill.astype(dtype)
+        if radiometry.nodata is not None:
+            mask_mode, nodata = "nodata", (float(radiometry.nodata),) * len(bands)
         block_h = dataset.block_shapes[0][0] if dataset.block_shapes else 256
         span = int(grid.region.width) * (tile_h + 2 * block_h) * dataset.count \
             * np.dtype(dtype).itemsize
         plan = RasterPlan(path=path, grid=grid, bands=bands, out_shape=out_shape,
                           resampling=resampling, mask_mode=mask_mode, nodata=nodata,
-                          fill=fill, dtype=dtype, crs=dataset.crs,
+                          fill=np.zeros(len(bands), dtype=dtype), dtype=dtype, crs=dataset.crs,
                           cache_bytes=int(min(max(span, _CACHE_MIN), _CACHE_MAX)),
                           nodata_threshold=tiling.nodata_threshold)
+        _plan_values(dataset, plan, package, radiometry)
         if _region_all_nodata(dataset, plan):
             raise CasdError(f"{name} holds only nodata in the area to classify; check its "
                             "nodata value or the extent/AOI")
     return plan
+
+
+def _plan_values(dataset: Any, plan: RasterPlan, package: ModelPackage,
+                 radiometry: RadiometryConfig) -> None:
+    """Padding, value mapping and nodata fill of ``plan``, from one decimated read."""
+    step = max(1.0, math.sqrt(dataset.width * dataset.height / SAMPLE_PIXELS))
+    shape = (max(1, round(dataset.height / step)), max(1, round(dataset.width / step)))
+    data = dataset.read(plan.bands, out_shape=(len(plan.bands), *shape), resampling=Resampling.nearest)
+    masks = (dataset.read_masks(plan.bands[0], out_shape=shape, resampling=Resampling.nearest)
+             if plan.mask_mode == "mask" else None)
+    invalid = nodata_mask(data, plan, masks)
+    if plan.mask_mode == "none" and radiometry.auto_nodata:
+        plan.padding = detect_padding(data, (dataset.height, dataset.width), padding_values(plan.dtype))
+        if plan.padding is not None:
+            invalid |= plan.padding.mask
+    plan.mapping = choose_mapping(data[:, ~invalid].astype(np.float64), package, radiometry)
+    # Nodata pixels are filled with what becomes the band mean (0 after normalisation).
+    fill = np.array([m * package.value_scale for m in package.mean], dtype=np.float64)
+    if plan.mapping is not None:
+        fill = plan.mapping.inverse(fill)
+    if np.dtype(plan.dtype).kind in "ui":
+        info = np.iinfo(plan.dtype)
+        fill = np.clip(np.round(fill), info.min, info.max)
+    plan.fill = fill.astype(plan.dtype)
 
 
 def _model_shape(package: ModelPackage, grid: TileGrid) -> tuple[int, int]:

@@ -69,7 +69,7 @@ class TileReader:
                 offset = tiles[i].window.col_off - first.col_off
                 base[i] = strip[:, offset:offset + width]
         fractions = np.zeros(len(tiles), dtype=np.float64)
-        if plan.mask_mode == "none" and out.dtype.kind != "f":
+        if plan.mask_mode == "none" and plan.padding is None and out.dtype.kind != "f":
             return out, fractions
         for i, tile in enumerate(tiles):
             mask = None
@@ -78,6 +78,8 @@ class TileReader:
                                           out_shape=(height, width),
                                           resampling=Resampling.nearest)
             invalid = nodata_mask(out[i], plan, mask)
+            if plan.padding is not None:
+                invalid |= plan.padding.pixels(out[i], tile.window)
             fractions[i] = float(invalid.mean())
             if fractions[i] > 0:
                 out[i][:, invalid] = plan.fill[:, None]

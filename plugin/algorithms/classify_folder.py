@@ -7,7 +7,7 @@ from qgis.core import (QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
                        QgsProcessingParameterString)
 
 from ..feedback import monitor_for
-from .common import CasdAlgorithm, advanced, user_errors
+from .common import CasdAlgorithm, advanced, dialog_names, user_errors
 from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
                             TILING_PARAMETERS, add_tiling_parameters, inference_config, tiling_config)
 
@@ -105,9 +105,12 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
                 fmt=FORMATS[self.parameterAsEnum(parameters, FORMAT, context)][0],
                 dissolve=self.parameterAsBoolean(parameters, DISSOLVE, context),
                 monitor=monitor_for(feedback))
-        feedback.pushInfo(summary.table())
+        from casd_core.errors import render_params
+
+        name_of = dialog_names(self, PARAMETERS)
+        feedback.pushInfo(summary.table(name_of))
         for result in summary.results:
             if result.status == "failed":
-                feedback.reportError(f"{result.raster}: {result.message}")
+                feedback.reportError(f"{result.raster}: {render_params(result.message, name_of)}")
         return {OUTPUT_FOLDER: out_dir, CLASSIFIED: summary.count("done"), SKIPPED: summary.count("skipped"),
                 FAILED: summary.failed}
