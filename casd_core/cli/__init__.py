@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from casd_core.cli.chips import add_chips_parser
 from casd_core.cli.common import name_of_flag
 from casd_core.cli.predict import add_batch_parser, add_predict_parser
 from casd_core.cli.training import add_evaluate_parser, add_experiment_parser, add_train_parser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(subparsers)
     add_predict_parser(subparsers)
     add_batch_parser(subparsers)
+    add_chips_parser(subparsers)
     return parser
 
 

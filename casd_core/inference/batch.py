@@ -119,8 +119,10 @@ def classify_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, model
     tiling = tiling or TilingConfig()
     inference = inference or InferenceConfig()
     monitor = monitor or Monitor()
+    radiometry = radiometry or RadiometryConfig()
     tiling.validate()
     inference.validate()
+    radiometry.validate()
     folder, out_dir = Path(folder), Path(out_dir)
     key = vectorio.resolve_format(f"x.{fmt}", fmt)
     if not folder.is_dir():

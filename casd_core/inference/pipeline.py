@@ -222,6 +222,9 @@ def iter_tile_predictions(raster_path: str | os.PathLike, predictor: Predictor,
     inference.validate()
     monitor = monitor or Monitor()
     plan = plan_raster(raster_path, predictor.package, tiling, radiometry)
+    if inference.smooth and tiling.overlap == 0 and tiling.stride is None:
+        monitor.warn(f"{param('smooth')} has little to average: the tiles do not overlap "
+                     f"(set an {param('overlap')} such as 0.5)")
     if plan.mapping is not None:
         monitor.warn(f"{plan.name}: its values do not fit the model's, so they are mapped: "
                      f"{plan.mapping.description} (set {param('stretch')} to none to feed them raw)")
