@@ -23,36 +23,12 @@ from safetensors.torch import save_file
 
 from casd_core.atomic import atomic_path
 from casd_core.errors import CasdError, param
+from casd_core.style import default_class_colors  # noqa: F401  (part of the package API)
 
 FORMAT_NAME = "casd-model-package"
 # 2: temperature and pixel_stats (version-1 files load with their defaults)
 FORMAT_VERSION = 2
 METADATA_KEY = "casd"
-
-# Colours that read naturally on a map for the AID classes; other classes get a palette colour.
-_AID_COLORS = {
-    "Airport": "#8c8c8c", "BareLand": "#d8c8a0", "BaseballField": "#c7e9a0",
-    "Beach": "#f5e6a8", "Bridge": "#a05a2c", "Center": "#e31a1c",
-    "Church": "#b15928", "Commercial": "#fb6a4a", "DenseResidential": "#a50f15",
-    "Desert": "#f2d08a", "Farmland": "#e6d36b", "Forest": "#1b7837",
-    "Industrial": "#6a3d9a", "Meadow": "#a6d96a", "MediumResidential": "#ef6548",
-    "Mountain": "#7f6a4d", "Park": "#5aae61", "Parking": "#bdbdbd",
-    "Playground": "#fdae61", "Pond": "#6baed6", "Port": "#2c7fb8",
-    "RailwayStation": "#525252", "Resort": "#f781bf", "River": "#2171b5",
-    "School": "#fec44f", "SparseResidential": "#fcbba1", "Square": "#d9d9d9",
-    "Stadium": "#cab2d6", "StorageTanks": "#737373", "Viaduct": "#8c510a",
-}
-_PALETTE = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
-    "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
-]
-
-
-def default_class_colors(class_names: list[str]) -> list[str]:
-    """A map-friendly colour per class: fixed ones for AID classes, a palette otherwise."""
-    return [_AID_COLORS.get(name, _PALETTE[i % len(_PALETTE)]) for i, name in enumerate(class_names)]
-
 
 @dataclass
 class ModelPackage:

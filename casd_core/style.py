@@ -5,8 +5,43 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import zlib
 from typing import Any
 from xml.sax.saxutils import quoteattr
+
+# Colours that read naturally on a map for the AID classes; other classes get a palette colour.
+AID_COLORS = {
+    "Airport": "#8c8c8c", "BareLand": "#d8c8a0", "BaseballField": "#c7e9a0",
+    "Beach": "#f5e6a8", "Bridge": "#a05a2c", "Center": "#e31a1c",
+    "Church": "#b15928", "Commercial": "#fb6a4a", "DenseResidential": "#a50f15",
+    "Desert": "#f2d08a", "Farmland": "#e6d36b", "Forest": "#1b7837",
+    "Industrial": "#6a3d9a", "Meadow": "#a6d96a", "MediumResidential": "#ef6548",
+    "Mountain": "#7f6a4d", "Park": "#5aae61", "Parking": "#bdbdbd",
+    "Playground": "#fdae61", "Pond": "#6baed6", "Port": "#2c7fb8",
+    "RailwayStation": "#525252", "Resort": "#f781bf", "River": "#2171b5",
+    "School": "#fec44f", "SparseResidential": "#fcbba1", "Square": "#d9d9d9",
+    "Stadium": "#cab2d6", "StorageTanks": "#737373", "Viaduct": "#8c510a",
+}
+PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+    "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]
+
+
+def default_class_colors(class_names: list[str]) -> list[str]:
+    """A map-friendly colour per class: fixed ones for AID classes, a palette otherwise."""
+    return [AID_COLORS.get(name, PALETTE[i % len(PALETTE)]) for i, name in enumerate(class_names)]
+
+
+def class_color(name: str, package: Any | None = None) -> str:
+    """The colour of a class: the package's, else the AID map colour, else a name-keyed one."""
+    if name == UNCERTAIN:
+        return UNCERTAIN_COLOR
+    if package is not None and name in package.class_names:
+        return package.class_colors[package.class_names.index(name)]
+    return AID_COLORS.get(name) or PALETTE[zlib.crc32(name.encode("utf-8")) % len(PALETTE)]
+
 
 # The class name of tiles that abstained (too unsure), and their colour.
 UNCERTAIN = "uncertain"

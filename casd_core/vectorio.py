@@ -174,6 +174,29 @@ class _Columns:
         return geometry, data
 
 
+def read_layer(path: str | os.PathLike, columns: list[str], optional: tuple[str, ...] = (),
+               hint: str = "") -> tuple[np.ndarray, dict[str, np.ndarray], str | None]:
+    """(WKB geometries, {field: values}, CRS) of the casd layer in ``path`` (the layer named
+    after its stem, else its first one); ``columns`` must exist, ``optional`` ones are read
+    when they do. ``hint`` ends the message when a column is missing."""
+    pyogrio = _pyogrio()
+    path = Path(path)
+    if not path.exists():
+        raise CasdError(f"layer {path} does not exist; pass the file written by casd predict")
+    names = [str(n) for n, _ in pyogrio.list_layers(str(path)) if n != "layer_styles"]
+    name = layer_name_for(path) if layer_name_for(path) in names else (names or [None])[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
+        present = set(pyogrio.read_info(str(path), layer=name)["fields"])
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise CasdError(f"layer {path.name} lacks the field(s) {', '.join(missing)}{hint}; "
+                            "pass the layer written by casd predict")
+        wanted = columns + [c for c in optional if c in present]
+        meta, _, geometry, data = pyogrio.raw.read(str(path), layer=name, columns=wanted)
+    return geometry, dict(zip(meta["fields"], data)), meta.get("crs")  # in the layer's field order
+
+
 def layer_name_for(path: str | os.PathLike) -> str:
     """The layer name used inside a file: its stem, made safe for SQL identifiers."""
     name = re.sub(r"[^0-9A-Za-z_]+", "_", Path(path).stem).strip("_")

@@ -5,7 +5,7 @@
 #   2. .venv on Debian's /usr/bin/python3 with --system-site-packages (so it sees qgis.*),
 #      with the pinned packages of requirements.txt and casd_core installed editable
 #      (skipped when requirements.txt and pyproject.toml are unchanged since the last install)
-#   3. the main job: the bundled model classifies a real GeoTIFF into runs/demo/
+#   3. the main job: the bundled model classifies a real GeoTIFF into runs/demo/ (layer + preview PNG)
 #
 # Idempotent: a second run takes seconds. Data path: $CASD_DATA (default ../shared/data).
 set -euo pipefail
@@ -43,5 +43,8 @@ if [ ! -f "$stamp" ]; then
 fi
 
 data="${CASD_DATA:-../shared/data}"
-echo "setup: main job: casd predict $data/rasters/test_tiled.tif -o runs/demo/test_tiled.gpkg"
-.venv/bin/casd predict "$data/rasters/test_tiled.tif" -o runs/demo/test_tiled.gpkg
+# The model's 120 m footprint at half-tile steps, averaged onto 60 m cells, with a picture of the map.
+main_job=(.venv/bin/casd predict "$data/rasters/test_tiled.tif" -o runs/demo/test_tiled.gpkg --overwrite
+          --overlap 0.5 --smooth --preview runs/demo/test_tiled.png --quiet)
+echo "setup: main job: ${main_job[*]#.venv/bin/}"
+"${main_job[@]}"

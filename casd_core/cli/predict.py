@@ -9,7 +9,7 @@ from pathlib import Path
 from casd_core.cli.common import add_command, default_of, name_of_flag, parse_bands
 from casd_core.errors import CasdError, param
 from casd_core.inference import InferenceConfig
-from casd_core.inference.radiometry import STRETCHES, RadiometryConfig
+from casd_core.inference.radiometry import STRETCHES, RadiometryConfig, parse_value_range
 from casd_core.progress import ProgressEvent
 from casd_core.tiling import TilingConfig
 
@@ -26,6 +26,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["gpkg", "geojson", "fgb"],
                    help="output format (default: from the output's suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--preview", type=Path, metavar="PNG",
+                   help="also draw the labelled grid over the raster, with a legend, into this PNG")
+    p.add_argument("--raster-out", type=Path, metavar="TIF",
+                   help="also write a class-id GeoTIFF, one pixel per tile, with class colours and names")
     _add_inference_arguments(p)
 
 
@@ -112,13 +116,7 @@ def _inference_from_args(args: argparse.Namespace) -> InferenceConfig:
 
 
 def _radiometry_from_args(args: argparse.Namespace) -> RadiometryConfig:
-    value_range = None
-    if args.value_range:
-        try:
-            value_range = tuple(tuple(float(v) for v in text.split(",")) for text in args.value_range)
-        except ValueError:
-            raise CasdError(f"{param('value_range')} {' '.join(args.value_range)} must be numbers, e.g. "
-                            "0 4095 or 0,0,0 3000,3200,2800") from None
+    value_range = parse_value_range(*args.value_range) if args.value_range else None
     return RadiometryConfig(stretch=args.stretch, percentiles=tuple(args.percentiles),
                             value_range=value_range, nodata=args.nodata, auto_nodata=args.auto_nodata)
 
@@ -166,14 +164,17 @@ class _ProgressBar:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from casd_core.inference import classify_raster
+    from casd_core.grid_outputs import check_requests, write_grid_outputs
+    from casd_core.inference import Predictor, classify_raster
 
     if args.output.exists() and not args.overwrite:
         raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")
     tiling, inference, radiometry = _tiling_from_args(args), _inference_from_args(args), _radiometry_from_args(args)
+    check_requests(args.raster_out, inference.smooth, args.dissolve)
+    predictor = Predictor.from_package(args.model, inference.device)
     bar = _ProgressBar(args.quiet)
     try:
-        summary = classify_raster(args.raster, args.output, model=args.model, tiling=tiling,
+        summary = classify_raster(args.raster, args.output, model=predictor, tiling=tiling,
                                   inference=inference, fmt=args.format, dissolve=args.dissolve,
                                   monitor=_monitor(args, bar), radiometry=radiometry)
     finally:
@@ -185,6 +186,9 @@ def _run_predict(args: argparse.Namespace) -> int:
           f"({summary.tiles_per_second:.1f} tiles/s)")
     print(f"most frequent classes: {top}")
     print(f"values: {summary.values['casd_stretch']}; padding: {summary.values['casd_padding']}")
+    for path in write_grid_outputs(args.output, summary.plan, predictor.package, args.preview,
+                                   args.raster_out).values():
+        print(f"wrote {path}")
     return 0
 
 

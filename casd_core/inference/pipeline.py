@@ -254,6 +254,7 @@ class RasterSummary:
     class_counts: dict[str, int] = field(default_factory=dict)
     uncertain: int = 0
     values: dict[str, str] = field(default_factory=dict)  # describe_values()
+    plan: RasterPlan | None = None  # what was decided about the raster before reading it
 
     @property
     def tiles_per_second(self) -> float:
@@ -320,5 +321,5 @@ def classify_raster(raster: str | os.PathLike, output: str | os.PathLike, model:
                          labelled=stream.labelled, skipped_nodata=stream.skipped_nodata,
                          features=features, seconds=time.perf_counter() - start,
                          class_counts=dict(counting.counts.most_common()),
-                         uncertain=stream.uncertain, values=values)
+                         uncertain=stream.uncertain, values=values, plan=stream.plan)
 

@@ -70,6 +70,17 @@ class RadiometryConfig:
             raise CasdError(f"{param('nodata')} {self.nodata} must be a number")
 
 
+def parse_value_range(text_min: str, text_max: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``("0", "4095")`` or ``("0,0,0", "3000,3200,2800")`` as a :attr:`RadiometryConfig.value_range`
+    (one value for all bands, or one per band); how the counts match is checked by ``validate``."""
+    try:
+        mins, maxs = (tuple(float(v) for v in text.split(",")) for text in (text_min, text_max))
+    except ValueError:
+        raise CasdError(f"{param('value_range')} {text_min} {text_max} must be numbers, e.g. "
+                        "0 4095 or 0,0,0 3000,3200,2800") from None
+    return mins, maxs
+
+
 @dataclass(frozen=True)
 class ValueMapping:
     """raw → clip(gain · raw + offset, 0, upper), per band; ``description`` says which and why."""

@@ -10,6 +10,9 @@ from ..feedback import monitor_for
 from .common import CasdAlgorithm, advanced, dialog_names, user_errors
 from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
                             TILING_PARAMETERS, add_tiling_parameters, inference_config, tiling_config)
+from .value_params import HELP as VALUES_HELP
+from .value_params import (AUTO_NODATA, MIN_SCORE, NODATA, PERCENTILES, SMOOTH, STRETCH, TTA,  # noqa: F401
+                           VALUE_RANGE, add_value_parameters, radiometry_config)
 
 INPUT_FOLDER = "INPUT_FOLDER"
 RECURSIVE = "RECURSIVE"
@@ -62,7 +65,10 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
             "touching tiles of the same class into one region feature.<br><br>"
             "<b>Bands</b>: 1-based band numbers in the model's band order, e.g. <i>1,2,3</i>; empty "
             "takes the first bands.<br><br>"
-            f"{HELP}<br><br>Cancel stops between batches; the raster being processed gets no file."
+            f"{HELP}<br><br>{VALUES_HELP}<br><br>"
+            "The log has one row per raster: tiles, labelled features, the shares skipped as nodata "
+            "and uncertain, and the value stretch applied (then each raster's padding). Cancel stops "
+            "between batches; the raster being processed gets no file."
         )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
@@ -73,6 +79,7 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
         self.addParameter(QgsProcessingParameterString(
             BANDS, "Bands (e.g. 1,2,3; empty: the first bands, as many as the model needs)", optional=True))
         add_tiling_parameters(self)
+        add_value_parameters(self)
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterEnum(
             FORMAT, "Output format", options=[label for _, label in FORMATS], defaultValue=0))
@@ -89,6 +96,7 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         out_dir = self.parameterAsString(parameters, OUTPUT_FOLDER, context)
+        name_of = dialog_names(self, PARAMETERS)
         with user_errors(self, PARAMETERS):
             from casd_core.inference import classify_folder
 
@@ -104,13 +112,19 @@ class ClassifyFolderAlgorithm(CasdAlgorithm):
                 merged=self.parameterAsBoolean(parameters, MERGED, context),
                 fmt=FORMATS[self.parameterAsEnum(parameters, FORMAT, context)][0],
                 dissolve=self.parameterAsBoolean(parameters, DISSOLVE, context),
-                monitor=monitor_for(feedback))
+                monitor=monitor_for(feedback, name_of),
+                radiometry=radiometry_config(self, parameters, context))
         from casd_core.errors import render_params
 
-        name_of = dialog_names(self, PARAMETERS)
         feedback.pushInfo(summary.table(name_of))
         for result in summary.results:
             if result.status == "failed":
                 feedback.reportError(f"{result.raster}: {render_params(result.message, name_of)}")
+            elif result.details is not None:
+                values = result.details.values
+                shown = (result.raster.relative_to(summary.folder) if result.raster.is_relative_to(summary.folder)
+                         else result.raster)
+                feedback.pushInfo(f"{shown}: values: {values.get('casd_stretch', '-')}; "
+                                  f"padding: {values.get('casd_padding', '-')}")
         return {OUTPUT_FOLDER: out_dir, CLASSIFIED: summary.count("done"), SKIPPED: summary.count("skipped"),
                 FAILED: summary.failed}

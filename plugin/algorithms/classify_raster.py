@@ -2,7 +2,8 @@
 
 The same core generator as ``casd predict`` (``iter_tile_predictions``) yields the tiles; this
 face only turns them into features of a Processing sink, so the output can be any format QGIS
-writes, a temporary layer, or a model's intermediate result.
+writes, a temporary layer, or a model's intermediate result. The optional preview PNG and class
+raster are the core's too (``grid_outputs.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeome
 from ..compat import FIELD_DOUBLE, FIELD_INT, FIELD_INT64, FIELD_STRING
 from ..feedback import monitor_for
 from ..styling import style_when_loaded
-from .common import CasdAlgorithm, user_errors
+from .common import CasdAlgorithm, dialog_names, user_errors
+from .grid_outputs import HELP as OUTPUTS_HELP
+from .grid_outputs import PREVIEW, RASTER_OUT, add_grid_outputs, requested, write_grid_outputs  # noqa: F401
 from .tiling_params import (BATCH_SIZE, HELP, NODATA_THRESHOLD, OVERLAP, STRIDE, TILE_SIZE, TILE_UNIT,  # noqa: F401
                             TILING_PARAMETERS, add_tiling_parameters, inference_config, tiling_config)
+from .value_params import HELP as VALUES_HELP
+from .value_params import (AUTO_NODATA, MIN_SCORE, NODATA, PERCENTILES, SMOOTH, STRETCH, TTA,  # noqa: F401
+                           VALUE_RANGE, add_value_parameters, radiometry_config)
 
 INPUT = "INPUT"
 MODEL = "MODEL"
@@ -63,6 +69,15 @@ def raster_file(layer: QgsRasterLayer) -> str:
     return path
 
 
+def log_stream(feedback, stream, values: dict[str, str]) -> None:
+    """What one raster's run did: tiles, labels, the nodata and uncertain shares, the values applied."""
+    nodata = stream.skipped_nodata / stream.total if stream.total else 0.0
+    uncertain = stream.uncertain / stream.labelled if stream.labelled else 0.0
+    feedback.pushInfo(f"{stream.labelled} of {stream.total} tiles labelled, {stream.skipped_nodata} skipped "
+                      f"as nodata ({nodata:.0%}), {stream.uncertain} uncertain ({uncertain:.0%})")
+    feedback.pushInfo(f"Values: {values['casd_stretch']}; padding: {values['casd_padding']}")
+
+
 def _plain(value):
     """numpy scalars as Python values, which QVariant accepts."""
     return value.item() if hasattr(value, "item") else value
@@ -89,9 +104,11 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
             "classifier'; empty uses the embedded model trained on the 30 AID classes. "
             "<b>Bands</b>: the raster bands fed to the model, in the model's band order (red, green, "
             "blue for the default model); empty takes the first bands.<br><br>"
-            f"{HELP}<br><br>"
+            f"{HELP}<br><br>{VALUES_HELP}<br><br>"
             "<b>Extent</b> (optional) limits the classification to an area. The raster must be a "
-            "file GDAL reads (e.g. GeoTIFF). Cancel stops between batches and writes nothing."
+            f"file GDAL reads (e.g. GeoTIFF).<br><br>{OUTPUTS_HELP} The log gives the tiles "
+            "labelled, the shares skipped as nodata and uncertain, the value mapping and the padding "
+            "found. Cancel stops between batches and writes nothing."
         )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
@@ -101,10 +118,12 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
             BANDS, "Bands (empty: the first bands, as many as the model needs)",
             parentLayerParameterName=INPUT, optional=True, allowMultiple=True))
         add_tiling_parameters(self)
+        add_value_parameters(self)
         self.add_device_parameter(DEVICE)
         self.addParameter(QgsProcessingParameterExtent(EXTENT, "Extent (empty: the whole raster)", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(
             OUTPUT, "Scene classes", type=QgsProcessing.SourceType.TypeVectorPolygon))
+        add_grid_outputs(self)
         self.addOutput(QgsProcessingOutputNumber(TILE_COUNT, "Number of labelled tiles"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
@@ -112,6 +131,7 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
         extent = self.parameterAsExtent(parameters, EXTENT, context, raster.crs())
         with user_errors(self, PARAMETERS):
             from casd_core.inference import Predictor, iter_tile_predictions
+            from casd_core.inference.pipeline import describe_values
             from casd_core.vectorio import qml_style
 
             source = raster_file(raster)
@@ -123,25 +143,34 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
                 extent=None if extent.isNull() else (extent.xMinimum(), extent.yMinimum(),
                                                      extent.xMaximum(), extent.yMaximum()))
             fields = output_fields()
-            stream = iter_tile_predictions(source, predictor, tiling,
-                                           inference_config(self, parameters, context, device),
-                                           monitor_for(feedback))
+            inference = inference_config(self, parameters, context, device)
+            preview, raster_out = requested(self, parameters, context, inference.smooth)
+            stream = iter_tile_predictions(source, predictor, tiling, inference,
+                                           monitor_for(feedback, dialog_names(self, PARAMETERS)),
+                                           radiometry_config(self, parameters, context))
             # Features are kept until the end and the sink is opened only then: the sink creates
             # its file when opened, and a cancel must leave no output behind.
+            features, predictions = [], []
             try:
-                features = [self._feature(prediction, fields) for prediction in stream]
+                for prediction in stream:
+                    features.append(self._feature(prediction, fields))
+                    if preview or raster_out:
+                        predictions.append(prediction)
             finally:
                 stream.close()
         sink, dest_id = self.parameterAsSink(parameters, OUTPUT, context, fields, QgsWkbTypes.Type.Polygon,
                                               raster.crs())
         if not sink.addFeatures(features, QgsFeatureSink.Flag.FastInsert):
             raise QgsProcessingException(f"could not write the tiles: {sink.lastError()}")
-        feedback.pushInfo(f"{stream.labelled} of {stream.total} tiles labelled"
-                          f"{f', {stream.skipped_nodata} skipped as nodata' if stream.skipped_nodata else ''}")
+        log_stream(feedback, stream, describe_values(stream.plan))
         counts = Counter(feature["class_name"] for feature in features)
         feedback.pushInfo("Classes: " + ", ".join(f"{name} {count}" for name, count in counts.most_common()))
         self._style = (dest_id, qml_style(package))
-        return {OUTPUT: dest_id, TILE_COUNT: len(features)}
+        with user_errors(self, PARAMETERS):
+            written = write_grid_outputs(predictions, stream.plan, package, preview, raster_out)
+        for path in written.values():
+            feedback.pushInfo(f"Wrote {path}")
+        return {OUTPUT: dest_id, TILE_COUNT: len(features), **written}
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 (QGIS's name)
         if self._style is not None:  # runs on the main thread, before QGIS loads the layer

@@ -8,6 +8,7 @@ from __future__ import annotations
 from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterNumber
 
 from .common import advanced
+from .value_params import label_settings
 
 TILE_SIZE = "TILE_SIZE"
 TILE_UNIT = "TILE_UNIT"
@@ -77,6 +78,8 @@ def tiling_config(algorithm, parameters: dict, context, bands=None, extent=None)
 
 
 def inference_config(algorithm, parameters: dict, context, device: str):
+    """The core's :class:`InferenceConfig`: batch size and device here, labels from value_params."""
     from casd_core.inference import InferenceConfig
 
-    return InferenceConfig(batch_size=algorithm.parameterAsInt(parameters, BATCH_SIZE, context), device=device)
+    return InferenceConfig(batch_size=algorithm.parameterAsInt(parameters, BATCH_SIZE, context), device=device,
+                           **label_settings(algorithm, parameters, context))
