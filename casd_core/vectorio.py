@@ -116,7 +116,7 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 # --- writing ---------------------------------------------------------------------------------
 
-class _Columns:
+class FeatureColumns:
     """Compact column buffers filled one feature at a time: numbers in typed arrays, text as
     references to shared strings, geometry as WKB (~250 bytes per tile in all)."""
 
@@ -203,7 +203,7 @@ def layer_name_for(path: str | os.PathLike) -> str:
     return name or "predictions"
 
 
-def write_layer(columns: _Columns, path: str | os.PathLike, crs: Any, fmt: str | None,
+def write_layer(columns: FeatureColumns, path: str | os.PathLike, crs: Any, fmt: str | None,
                 package: Any | None, geometry_type: str = "Polygon",
                 metadata: dict[str, str] | None = None) -> Path:
     """Write buffered features atomically, with the package's style when it is given and
@@ -249,7 +249,7 @@ def write_predictions(predictions: Iterable[Any], path: str | os.PathLike, crs: 
     one region feature each (:data:`DISSOLVED_FIELDS`). Raises :class:`CasdError` when there
     is nothing to write.
     """
-    columns = _Columns(OUTPUT_FIELDS)
+    columns = FeatureColumns(OUTPUT_FIELDS)
     for prediction in predictions:
         columns.append(prediction.geometry, {name: getattr(prediction, name) for name, _ in OUTPUT_FIELDS})
     if len(columns) == 0:
@@ -261,7 +261,7 @@ def write_predictions(predictions: Iterable[Any], path: str | os.PathLike, crs: 
     return len(columns)
 
 
-def dissolve_columns(columns: _Columns) -> _Columns:
+def dissolve_columns(columns: FeatureColumns) -> FeatureColumns:
     """Merge 4-connected same-class tiles into regions (union of their polygons)."""
     values = columns.values
     n = len(columns)
@@ -286,7 +286,7 @@ def dissolve_columns(columns: _Columns) -> _Columns:
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(find(i), []).append(i)
-    out = _Columns(DISSOLVED_FIELDS)
+    out = FeatureColumns(DISSOLVED_FIELDS)
     for members in groups.values():
         polygons = shapely.from_wkb(np.array([columns.geometry[i] for i in members], dtype=object))
         region = shapely.union_all(polygons)
@@ -326,7 +326,7 @@ def merge_layers(sources: list[tuple[str, Path]], path: str | os.PathLike, fmt: 
     target = CRS.from_user_input(layers[0][1]["crs"]) if len(crs_texts) == 1 else CRS.from_epsg(4326)
     fields = list(zip(layers[0][1]["fields"], layers[0][1]["dtypes"]))
     kinds = [(name, "str" if dtype == "object" else str(dtype)) for name, dtype in fields]
-    columns = _Columns(kinds + [SOURCE_FIELD])
+    columns = FeatureColumns(kinds + [SOURCE_FIELD])
     for source, meta, geometry, field_data in layers:
         if len(crs_texts) > 1:
             src_crs = CRS.from_user_input(meta["crs"])

@@ -100,9 +100,9 @@ def write_index(records: list[dict[str, Any]], footprints: list[Any], path: Path
     """``chips.gpkg``: one footprint per chip, styled by class in QGIS (the model package's
     colours for known class names, a palette otherwise)."""
     from casd_core.package import default_class_colors
-    from casd_core.vectorio import _Columns, write_layer
+    from casd_core.vectorio import FeatureColumns, write_layer
 
-    columns = _Columns(INDEX_FIELDS)
+    columns = FeatureColumns(INDEX_FIELDS)
     for footprint, record in zip(footprints, records):
         columns.append(footprint, record)
     style = SimpleNamespace(class_names=class_names, class_colors=default_class_colors(class_names))

@@ -30,6 +30,9 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="also draw the labelled grid over the raster, with a legend, into this PNG")
     p.add_argument("--raster-out", type=Path, metavar="TIF",
                    help="also write a class-id GeoTIFF, one pixel per tile, with class colours and names")
+    p.add_argument("--suggest", type=int, metavar="N",
+                   help="also write OUTPUT's stem + _suggestions: the N tiles the model is least sure of, "
+                        "spread out, with an empty class field to label (for casd chips --labels)")
     _add_inference_arguments(p)
 
 
@@ -171,6 +174,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")
     tiling, inference, radiometry = _tiling_from_args(args), _inference_from_args(args), _radiometry_from_args(args)
     check_requests(args.raster_out, inference.smooth, args.dissolve)
+    if args.suggest is not None and (args.suggest < 1 or inference.smooth or args.dissolve):
+        raise CasdError(f"{param('suggest')} needs a number of tiles (at least 1) and a layer of tiles, "
+                        f"not of {param('smooth')} cells or {param('dissolve')} regions")
     predictor = Predictor.from_package(args.model, inference.device)
     bar = _ProgressBar(args.quiet)
     try:
@@ -189,7 +195,17 @@ def _run_predict(args: argparse.Namespace) -> int:
     for path in write_grid_outputs(args.output, summary.plan, predictor.package, args.preview,
                                    args.raster_out).values():
         print(f"wrote {path}")
+    if args.suggest:
+        from casd_core.suggest import write_suggestions
+
+        suggestions = suggestions_path(args.output)
+        count = write_suggestions(args.output, suggestions, args.suggest)
+        print(f"wrote {suggestions}: {count} tile(s) to label next (fill in their 'class' field)")
     return 0
+
+
+def suggestions_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_suggestions{output.suffix}")
 
 
 def _run_batch(args: argparse.Namespace) -> int:
