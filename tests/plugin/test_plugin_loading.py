@@ -13,7 +13,7 @@ pytestmark = pytest.mark.qgis
 
 REPO = Path(__file__).resolve().parents[2]
 
-ALGORITHM_IDS = ("casd:classifyraster", "casd:classifyfolder", "casd:train", "casd:evaluate")
+ALGORITHM_IDS = ("casd:classifyraster", "casd:classifyfolder", "casd:makechips", "casd:train", "casd:evaluate")
 
 
 def _flush_deferred_deletes() -> None:
@@ -52,7 +52,7 @@ def test_metadata_is_complete_for_the_plugin_repository():
     assert "pip install" in general["about"]
 
 
-def test_provider_and_its_four_algorithms_are_registered(provider):
+def test_provider_and_its_algorithms_are_registered(provider):
     from qgis.core import QgsApplication
 
     registry = QgsApplication.processingRegistry()
