@@ -1,9 +1,13 @@
-"""Honest evaluation: run a model over a split and report OA, kappa, per-class scores."""
+"""Honest evaluation: run a model over a split and report OA, kappa, per-class scores and how
+well its scores are calibrated (ECE, with and without the package's temperature), optionally
+with test-time augmentation."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from casd_core.atomic import write_text_atomic
+from casd_core.calibration import expected_calibration_error, reliability_table
 from casd_core.data import SceneDataset, build_transforms, read_split
 from casd_core.errors import CasdError
 from casd_core.metrics import (classification_report, confusion_matrix, most_confused_pairs,
@@ -19,49 +24,107 @@ from casd_core.metrics import (classification_report, confusion_matrix, most_con
 from casd_core.package import ModelPackage
 from casd_core.progress import Monitor
 from casd_core.runtime import prepare_cpu, resolve_device
+from casd_core.tta import VIEWS, averaged_probabilities
 
 REPORT_NAME = "metrics.json"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 
 
+@dataclass
+class Predictions:
+    """What a model says about every image of a dataset (numpy arrays, dataset order).
+
+    ``probabilities`` is softmax(logits / T), averaged over the 8 dihedral views with TTA;
+    ``uncalibrated`` the same with T = 1; ``logits`` the single-view logits (``None`` with
+    TTA). ``predicted`` is the argmax of the logits, or of ``probabilities`` with TTA (where
+    averaging makes the label depend, slightly, on T).
+    """
+
+    labels: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+    uncalibrated: np.ndarray
+    logits: np.ndarray | None
+    images_per_s: float
+
+
 @torch.inference_mode()
-def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
-                    batch_size: int = 64, monitor: Monitor | None = None,
-                    workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted class indices for every image of ``dataset`` (``workers`` loader
-    processes; by default 8 on CUDA, 1 on CPU where the model needs the cores)."""
+def predict_outputs(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
+                    batch_size: int = 64, monitor: Monitor | None = None, workers: int | None = None,
+                    temperature: float = 1.0, tta: bool = False) -> Predictions:
+    """Run ``model`` over ``dataset`` (``workers`` loader processes; by default 8 on CUDA, 1 on
+    CPU where the model needs the cores). ``batch_size`` is images per forward pass: with
+    ``tta`` a batch holds ``batch_size // 8`` images, each in its 8 views
+    (:func:`casd_core.tta.averaged_probabilities`)."""
     monitor = monitor or Monitor()
     was_training = model.training
     model.eval()
     cuda = device.type == "cuda"
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else 1
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=cuda)
-    truth, predicted = [], []
-    for step, (images, labels) in enumerate(loader):
+    per_batch = max(1, batch_size // VIEWS) if tta else batch_size
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=cuda)
+    # Results go into arrays allocated once: small tensors kept from every batch would sit
+    # between the batches' large freed blocks and, with the CPU malloc tuning (no trimming),
+    # make the heap grow batch after batch (tens of GB over a TTA run of AID's test rows).
+    n, num_classes = len(dataset), len(dataset.class_names)
+    labels = np.zeros(n, dtype=np.int64)
+    probabilities, uncalibrated = np.zeros((2, n, num_classes), dtype=np.float32)
+    logits = None if tta else np.zeros((n, num_classes), dtype=np.float32)
+    start = 0
+    started = time.perf_counter()
+    for step, (images, truth) in enumerate(loader):
         monitor.check_cancelled()
+        end = start + len(truth)
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            logits = model(images)
-        truth.append(labels.numpy())
-        predicted.append(logits.argmax(1).cpu().numpy())
+        seen: list[torch.Tensor] = []
+
+        def logits_of(batch: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                seen.append(model(batch).float())
+            return seen[-1]
+
+        probabilities[start:end] = averaged_probabilities(logits_of, images, temperature, tta).cpu().numpy()
+        # the same views' logits at T = 1, without a second forward pass
+        uncalibrated[start:end] = averaged_probabilities(lambda _: seen[0], images, 1.0, tta).cpu().numpy()
+        if logits is not None:
+            logits[start:end] = seen[0].cpu().numpy()
+        labels[start:end] = truth.numpy()
+        start = end
         monitor.report("batches", step + 1, len(loader), item="evaluating")
+    elapsed = time.perf_counter() - started
     model.train(was_training)
-    if not truth:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(truth), np.concatenate(predicted)
+    return Predictions(
+        labels=labels, predicted=(logits if logits is not None else probabilities).argmax(1).astype(np.int64),
+        probabilities=probabilities, uncalibrated=uncalibrated, logits=logits,
+        images_per_s=n / elapsed if elapsed > 0 and n else 0.0)
+
+
+def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
+                    batch_size: int = 64, monitor: Monitor | None = None,
+                    workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted class indices for every image of ``dataset``."""
+    out = predict_outputs(model, dataset, device, batch_size, monitor, workers)
+    return out.labels, out.predicted
 
 
 def evaluate_model(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
                    batch_size: int = 64, with_confusion: bool = False,
-                   monitor: Monitor | None = None, workers: int | None = None) -> dict[str, Any]:
-    """The classification report of ``model`` on ``dataset`` (plus the matrix if asked)."""
-    truth, predicted = predict_dataset(model, dataset, device, batch_size, monitor, workers)
-    confusion = confusion_matrix(truth, predicted, len(dataset.class_names))
+                   monitor: Monitor | None = None, workers: int | None = None,
+                   temperature: float = 1.0, tta: bool = False) -> dict[str, Any]:
+    """The classification report of ``model`` on ``dataset`` (plus the matrix if asked), with
+    the expected calibration error of its scores at ``temperature`` (``ece``) and at 1
+    (``ece_uncalibrated``), the reliability table behind ``ece`` and the throughput."""
+    out = predict_outputs(model, dataset, device, batch_size, monitor, workers, temperature, tta)
+    confusion = confusion_matrix(out.labels, out.predicted, len(dataset.class_names))
     report = classification_report(confusion, dataset.class_names)
+    report.update(ece=expected_calibration_error(out.probabilities, out.labels),
+                  ece_uncalibrated=expected_calibration_error(out.uncalibrated, out.labels),
+                  reliability=reliability_table(out.probabilities, out.labels),
+                  images_per_s=out.images_per_s)
     if with_confusion:
         report["confusion"] = confusion
     return report
@@ -85,11 +148,14 @@ def write_report(report: dict[str, Any], class_names: list[str], out_dir: Path) 
 
 def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLike,
                      split_csv: str | os.PathLike, split: str = "test", out_dir: str | os.PathLike | None = None,
-                     batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None) -> dict[str, Any]:
+                     batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None,
+                     tta: bool = False) -> dict[str, Any]:
     """Evaluate a model package on one split of a split CSV (by default its ``test`` rows).
 
     Images are prepared exactly as during training's evaluation (resize to the package's
     input size, its normalisation), so the test accuracy recorded at training is reproduced.
+    Scores are softmax(logits / T) with the package's temperature; ``tta`` averages them over
+    the 8 flips and right-angle turns of each image (8x the cost).
     """
     package = ModelPackage.load(package_path)
     splits, class_names = read_split(Path(split_csv), Path(data_root))
@@ -109,8 +175,10 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     model = package.build_model().to(torch_device)
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    report = evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor)
-    report = {"model": str(package_path), "split": split, "split_csv": str(split_csv), **report}
+    report = evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
+                            temperature=package.temperature, tta=tta)
+    report = {"model": str(package_path), "split": split, "split_csv": str(split_csv),
+              "temperature": package.temperature, "tta": tta, **report}
     if out_dir is not None:
         report["files"] = {k: str(v) for k, v in write_report(report, package.class_names, Path(out_dir)).items()}
     report.pop("confusion")

@@ -3,7 +3,8 @@
 Every epoch ends with an atomic checkpoint (model, loss incl. α, optimiser, schedule, sampler,
 RNG states), so a run that is killed, even with ``kill -9`` mid-epoch, continues from the last
 finished epoch when the same command is run again. The validation split is carved from the
-``train`` rows; the ``test`` rows are evaluated once, with the best-on-validation weights.
+``train`` rows; the ``test`` rows are evaluated once, with the best-on-validation weights and
+the softmax temperature fitted on the validation rows (:mod:`casd_core.calibration`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from casd_core.atomic import atomic_path, write_text_atomic
-from casd_core.data import (SceneDataset, band_names, build_transforms, read_image, read_split,
-                            scan_class_folders, stratified_validation_split, subset_per_class)
+from casd_core.calibration import fit_on_validation
+from casd_core.data import SceneDataset, band_names, build_transforms, pixel_statistics, read_image, training_rows
 from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
 from casd_core.losses import LossConfig, build_loss
@@ -156,33 +157,22 @@ class _Data:
     """The run's datasets: train (carved), validation (carved from train), optional test."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        if cfg.split_csv is not None:
-            splits, self.class_names = read_split(cfg.split_csv, cfg.data_root)
-            if "train" not in splits:
-                raise CasdError(f"{cfg.split_csv} has no 'train' rows")
-            train_pool, test = splits["train"], splits.get("test", [])
-        else:
-            train_pool, self.class_names = scan_class_folders(cfg.data_root)
-            test = []
-        if cfg.subset_per_class:
-            train_pool = subset_per_class(train_pool, cfg.subset_per_class, cfg.seed)
-            test = subset_per_class(test, cfg.subset_per_class, cfg.seed)
+        rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.seed, cfg.subset_per_class)
+        self.class_names = rows.class_names
         # The first image tells how many bands the network takes (RGB photos, multi-band chips).
-        first = train_pool[0].path
+        first = rows.train[0].path
         self.bands = band_names(first, cfg.bands)
         self.value_scale = cfg.value_scale or 255.0
         read_image(first, cfg.bands, cfg.value_scale)  # fails early on uint16 without a scale
         self.mean, self.std = default_normalization(cfg.backbone, len(self.bands))
-        train_idx, val_idx = stratified_validation_split([s.label for s in train_pool], cfg.val_fraction, cfg.seed)
         train_tf = build_transforms(cfg.input_size, self.mean, self.std, train=True)
         eval_tf = build_transforms(cfg.input_size, self.mean, self.std, train=False)
 
         def dataset(samples: list, transform: Any) -> SceneDataset:
             return SceneDataset(samples, self.class_names, transform, cfg.bands, cfg.value_scale)
 
-        self.train = dataset([train_pool[i] for i in train_idx], train_tf)
-        self.val = dataset([train_pool[i] for i in val_idx], eval_tf)
-        self.test = dataset(test, eval_tf)
+        self.train, self.val, self.test = (dataset(rows.train, train_tf), dataset(rows.val, eval_tf),
+                                           dataset(rows.test, eval_tf))
 
 
 class Trainer:
@@ -357,12 +347,17 @@ class Trainer:
         best_epoch = max(self.history, key=lambda m: m["val_accuracy"])["epoch"] if self.history else None
         metrics: dict[str, Any] = {"validation": {"overall_accuracy": self.best_val, "best_epoch": best_epoch,
                                                   "num_samples": len(self.data.val)}}
+        # Temperature scaling on the validation rows (never the test rows): calibrated scores.
+        temperature, calibration = fit_on_validation(self.model, self.data.val, self.device,
+                                                     batch_size=self.cfg.batch_size * 2, workers=self.workers)
+        metrics["validation"].update(calibration)
         if len(self.data.test):
             self.monitor.report("images", 0, len(self.data.test), item="test split", fraction=1.0)
             report = evaluate_model(self.model, self.data.test, self.device, batch_size=self.cfg.batch_size * 2,
-                                    with_confusion=True, workers=self.workers)
+                                    with_confusion=True, workers=self.workers, temperature=temperature)
             write_report(report, self.data.class_names, self.cfg.out_dir)
-            metrics["test"] = {k: report[k] for k in ("overall_accuracy", "kappa", "macro_f1", "num_samples")}
+            metrics["test"] = {k: report[k] for k in ("overall_accuracy", "kappa", "macro_f1", "ece",
+                                                      "ece_uncalibrated", "num_samples")}
         package = ModelPackage(
             backbone=self.cfg.backbone,
             class_names=self.data.class_names,
@@ -370,7 +365,8 @@ class Trainer:
             bands=self.data.bands,
             input_size=self.cfg.input_size,
             mean=self.data.mean, std=self.data.std, value_scale=self.data.value_scale,
-            gsd_m=self.cfg.gsd_m, tile_footprint_m=self.cfg.tile_footprint_m,
+            gsd_m=self.cfg.gsd_m, tile_footprint_m=self.cfg.tile_footprint_m, temperature=temperature,
+            pixel_stats=pixel_statistics(self.data.train, seed=self.cfg.seed),
             training={**self.cfg.to_json(), "history": self.history},
             metrics=metrics,
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},

@@ -15,7 +15,7 @@ from casd_core.losses import LossConfig
 from casd_core.tiling import TilingConfig
 from casd_core.train import TrainConfig
 
-COMMANDS = ("train", "evaluate", "experiment", "predict", "batch", "chips")
+COMMANDS = ("train", "evaluate", "calibrate", "experiment", "predict", "batch", "chips")
 CONFIGS = {"train": (TrainConfig, LossConfig), "predict": (TilingConfig, InferenceConfig),
            "batch": (TilingConfig, InferenceConfig)}
 

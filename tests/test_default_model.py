@@ -22,6 +22,23 @@ def test_bundled_model_is_the_documented_one() -> None:
     assert package.metrics["test"]["num_samples"] == 7999
 
 
+def test_bundled_model_is_calibrated_and_knows_its_training_pixels() -> None:
+    package = ModelPackage.load(default_model_path())
+    # fitted on the 199 validation rows by `casd calibrate` (MODEL_CARD, RESULTS): the model
+    # trained with label smoothing is under-confident, so T < 1 sharpens its scores
+    assert round(package.temperature, 3) == 0.511
+    test = package.metrics["test"]
+    assert round(test["ece_uncalibrated"], 3) == 0.101 and round(test["ece"], 3) == 0.034
+    assert package.metrics["validation"]["ece_after"] < package.metrics["validation"]["ece_before"]
+    stats = package.pixel_stats
+    assert stats["percentiles"] == [0.5, 99.5]
+    for key in ("low", "high", "mean", "std"):
+        assert len(stats[key]) == 3, key
+    for low, high, mean, std in zip(stats["low"], stats["high"], stats["mean"], stats["std"]):
+        assert 0 <= low < 30 and 230 < high <= 255  # raw uint8 of the AID JPEGs
+        assert 80 < mean < 120 and 35 < std < 65
+
+
 def test_bundled_model_classifies_real_test_images(aid_root: Path, tmp_path: Path) -> None:
     with open(aid_root / "split_20.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
@@ -38,3 +55,5 @@ def test_bundled_model_classifies_real_test_images(aid_root: Path, tmp_path: Pat
     report = evaluate_package(default_model_path(), aid_root, split_csv, device="cpu")
     assert report["num_samples"] == 30 * PER_CLASS
     assert report["overall_accuracy"] >= 0.85  # 93.97 % on all 7,999; 240 images vary by ~1.5 points
+    assert report["temperature"] == ModelPackage.load(default_model_path()).temperature
+    assert report["ece"] < report["ece_uncalibrated"]  # 0.034 vs 0.101 on all 7,999

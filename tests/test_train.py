@@ -60,6 +60,19 @@ def test_short_casd_run_beats_chance_by_a_wide_margin(casd_run: tuple[Path, Path
     assert package.num_classes == 30 and package.training["method"] == "casd"
 
 
+def test_run_packages_a_validation_temperature_and_training_pixel_stats(casd_run: tuple[Path, Path]) -> None:
+    out, _ = casd_run
+    package = ModelPackage.load(out / "model.safetensors")
+    assert package.temperature > 0 and package.temperature != 1.0
+    validation, test = package.metrics["validation"], package.metrics["test"]
+    assert validation["nll_after"] <= validation["nll_before"] + 1e-9
+    for value in (validation["ece_before"], validation["ece_after"], test["ece"], test["ece_uncalibrated"]):
+        assert 0 <= value <= 1
+    stats = package.pixel_stats
+    assert stats["percentiles"] == [0.5, 99.5] and len(stats["mean"]) == 3
+    assert all(0 <= low < mean < high <= 255 for low, mean, high in zip(stats["low"], stats["mean"], stats["high"]))
+
+
 def test_run_writes_log_with_alpha_and_loss_terms_and_confusion_plot(casd_run: tuple[Path, Path]) -> None:
     out, _ = casd_run
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -80,6 +93,8 @@ def test_evaluate_reproduces_the_recorded_test_accuracy(casd_run: tuple[Path, Pa
     recorded = ModelPackage.load(out / "model.safetensors").metrics["test"]
     assert report["overall_accuracy"] == recorded["overall_accuracy"]
     assert report["kappa"] == recorded["kappa"]
+    assert report["ece"] == pytest.approx(recorded["ece"], abs=1e-6)
+    assert report["ece_uncalibrated"] == pytest.approx(recorded["ece_uncalibrated"], abs=1e-6)
     assert set(report["per_class"]) == set(ModelPackage.load(out / "model.safetensors").class_names)
 
 

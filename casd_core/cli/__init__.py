@@ -13,7 +13,8 @@ import sys
 from casd_core.cli.chips import add_chips_parser
 from casd_core.cli.common import name_of_flag
 from casd_core.cli.predict import add_batch_parser, add_predict_parser
-from casd_core.cli.training import add_evaluate_parser, add_experiment_parser, add_train_parser
+from casd_core.cli.training import (add_calibrate_parser, add_evaluate_parser, add_experiment_parser,
+                                    add_train_parser)
 from casd_core.errors import CasdError
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_calibrate_parser(subparsers)
     add_experiment_parser(subparsers)
     add_predict_parser(subparsers)
     add_batch_parser(subparsers)

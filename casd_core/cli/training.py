@@ -1,4 +1,4 @@
-"""``casd train``, ``casd evaluate`` and ``casd experiment``."""
+"""``casd train``, ``casd evaluate``, ``casd calibrate`` and ``casd experiment``."""
 
 from __future__ import annotations
 
@@ -110,12 +110,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from casd_core.evaluate import evaluate_package
 
     report = evaluate_package(args.model, args.data_root, args.split_csv, split=args.subset,
-                              out_dir=args.out_dir, batch_size=args.batch_size, device=args.device)
+                              out_dir=args.out_dir, batch_size=args.batch_size, device=args.device,
+                              tta=args.tta)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{report['split']} rows of {args.split_csv}: n={report['num_samples']}")
+    views = "8 views per image (test-time augmentation)" if report["tta"] else "1 view per image"
+    print(f"{report['split']} rows of {args.split_csv}: n={report['num_samples']}, {views}, "
+          f"{report['images_per_s']:.1f} images/s")
     print(f"overall accuracy {report['overall_accuracy']:.4f}  kappa {report['kappa']:.4f}  macro F1 {report['macro_f1']:.4f}")
+    print(f"calibration error (ECE) {report['ece']:.4f} at temperature {report['temperature']:.3f}, "
+          f"{report['ece_uncalibrated']:.4f} at 1")
     width = max(len(name) for name in report["per_class"])
     print(f"{'class':<{width}}  precision  recall     f1  support")
     for name, row in report["per_class"].items():
@@ -139,6 +144,53 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", dest="out_dir", type=Path,
                    help="also write metrics.json, confusion_matrix.csv and .png here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--tta", action="store_true",
+                   help="average the scores over the 8 flips and right-angle turns of each image (8x the time)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from casd_core.calibration import calibrate_package
+
+    report = calibrate_package(args.model, args.data_root, args.split_csv, args.out_path,
+                               batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    val, test = report["validation"], report.get("test")
+    print(f"temperature {report['temperature']:.4f}, fitted on the {val['num_samples']} validation rows "
+          f"(OA {val['overall_accuracy']:.4f})")
+    print(f"validation ECE {val['ece_before']:.4f} -> {val['ece_after']:.4f}   "
+          f"NLL {val['nll_before']:.4f} -> {val['nll_after']:.4f}")
+    if test:
+        print(f"test ECE {test['ece_uncalibrated']:.4f} -> {test['ece']:.4f}   "
+              f"NLL {test['nll_uncalibrated']:.4f} -> {test['nll']:.4f}   "
+              f"(n={test['num_samples']}, OA {test['overall_accuracy']:.4f}, unchanged)")
+    stats = report["pixel_stats"]
+    print("training pixels per band (raw): " + ", ".join(
+        f"{lo:g}-{hi:g} (mean {mean:.1f})" for lo, hi, mean in zip(stats["low"], stats["high"], stats["mean"])))
+    print(f"model package: {report['model']}")
+    return 0
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers, "calibrate", _run_calibrate, "fit a model package's softmax temperature on its validation rows",
+        "Re-package a trained model with calibrated scores: a temperature (Guo et al. 2017) fitted "
+        "on the same validation rows its training carved from the 'train' rows (its recorded seed "
+        "and validation share; never a test row), and the statistics of its training pixels. The "
+        "weights and therefore every label stay the same; prints the calibration error (ECE) "
+        "before and after on the validation and test rows.")
+    p.add_argument("model", type=Path, help="model package (.safetensors) written by `casd train`")
+    p.add_argument("--data", dest="data_root", type=Path, required=True,
+                   help="the folder the model was trained from (the CSV paths are relative to it)")
+    p.add_argument("--split", dest="split_csv", type=Path,
+                   help="the CSV the model was trained with (path,label,split); without it, as for "
+                        "`casd train`, the class sub-folders of --data")
+    p.add_argument("-o", "--out", dest="out_path", type=Path, required=True,
+                   help="the calibrated package (.safetensors); may be MODEL itself, replaced atomically")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
