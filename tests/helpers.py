@@ -1,8 +1,13 @@
-"""Helpers shared by the inference, vector-output and CLI tests: a small test model package
-and rasters derived from the real ones for cases a real file cannot show."""
+"""Helpers shared by the tests: a small test model package, rasters derived from the real ones
+for cases a real file cannot show, a small AID split, and a script run in a fresh headless QGIS."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import rasterio
@@ -52,3 +57,35 @@ def derive_raster(source: Path, out: Path, *, window: Window | None = None, band
     with rasterio.open(out, "w", **profile) as dst:
         dst.write(data)
     return out
+
+
+def small_split(aid_root: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A path,label,split CSV with the first rows of each class of AID's split_20.csv."""
+    with (aid_root / "split_20.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    taken: dict[tuple[str, str], int] = {}
+    keep = []
+    for row in rows:
+        key = (row["label"], row["split"])
+        if taken.get(key, 0) < (train_per_class if row["split"] == "train" else test_per_class):
+            taken[key] = taken.get(key, 0) + 1
+            keep.append(row)
+    path = out / "small_split.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(keep)
+    return path
+
+
+def run_qgis_script(script: str, tmp_path: Path) -> list[dict]:
+    """Run ``script`` in a fresh headless QGIS process (its own settings under ``tmp_path``) and
+    return the JSON objects it printed on lines starting with ``RESULT``."""
+    env = os.environ | {"QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis"),
+                        "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    (tmp_path / "xdg").mkdir(mode=0o700, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, done.stderr[-2000:]
+    return [json.loads(line[len("RESULT"):]) for line in lines]

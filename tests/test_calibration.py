@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from casd_core.data import SceneDataset, build_transforms, pixel_statistics, rea
 from casd_core.errors import CasdError
 from casd_core.evaluate import evaluate_package, predict_outputs
 from casd_core.package import ModelPackage
-from helpers import build_test_package
+from helpers import build_test_package, small_split
 
 
 def _toy_logits(true_temperature: float, n: int = 20000, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,24 +72,6 @@ def test_pixel_statistics_of_real_aid_images(aid_root: Path) -> None:
     assert pixel_statistics(dataset) == pixel_statistics([s.path for s in splits["train"][:20]])
 
 
-def _small_split(aid_root: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
-    with (aid_root / "split_20.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    taken: dict[tuple[str, str], int] = {}
-    keep = []
-    for row in rows:
-        key = (row["label"], row["split"])
-        if taken.get(key, 0) < (train_per_class if row["split"] == "train" else test_per_class):
-            taken[key] = taken.get(key, 0) + 1
-            keep.append(row)
-    path = out / "small_split.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(keep)
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained_like_package(aid_root: Path, tmp_path_factory: pytest.TempPathFactory,
                          one_torch_thread) -> tuple[Path, Path]:
@@ -98,7 +79,7 @@ def trained_like_package(aid_root: Path, tmp_path_factory: pytest.TempPathFactor
     20 % validation): its head is the nearest class centroid of the training rows' features,
     a real if weak classifier, so its fitted temperature is a real one."""
     work = tmp_path_factory.mktemp("calibrate")
-    split = _small_split(aid_root, work, train_per_class=5, test_per_class=2)
+    split = small_split(aid_root, work, train_per_class=5, test_per_class=2)
     package = ModelPackage.load(build_test_package(work / "tiny.safetensors"))
     rows = training_rows(aid_root, split, 0.2, 1)
     transform = build_transforms(package.input_size, package.mean, package.std, train=False)
@@ -160,7 +141,7 @@ def test_casd_calibrate_in_place_and_against_the_wrong_split(trained_like_packag
     assert ModelPackage.load(model).temperature == report["temperature"] != 1.0
     assert not list(tmp_path.glob(".*.tmp"))
 
-    other = _small_split(aid_root, tmp_path, train_per_class=10, test_per_class=1)  # 2 val rows a class
+    other = small_split(aid_root, tmp_path, train_per_class=10, test_per_class=1)  # 2 val rows a class
     assert main(["calibrate", str(model), "--data", str(aid_root), "--split", str(other), "-o",
                  str(tmp_path / "x.safetensors"), "--device", "cpu"]) == 2
     assert "--split" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

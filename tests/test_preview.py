@@ -3,10 +3,7 @@ real rasters labelled by the bundled model."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -27,7 +24,7 @@ from casd_core.inference import Predictor, classify_raster
 from casd_core.preview import _read_rgba, render_preview
 from casd_core.style import UNCERTAIN, UNCERTAIN_COLOR
 from casd_core.tiling import TilingConfig, tile_grid
-from helpers import NAIP, derive_raster
+from helpers import NAIP, derive_raster, run_qgis_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,14 +237,9 @@ def test_class_raster_opens_paletted_in_qgis(rasters, layers, package, tmp_path)
         del layer, renderer
         app.exitQgis()
     """)
-    env = os.environ | {"QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis"),
-                        "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
-    (tmp_path / "xdg").mkdir(mode=0o700)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=120)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 1, done.stderr[-2000:]
-    result = json.loads(lines[0][len("RESULT"):])
+    results = run_qgis_script(script, tmp_path)
+    assert len(results) == 1
+    result = results[0]
     assert result["valid"] and result["renderer"] == "paletted" and result["crs"] == "EPSG:28992"
     with rasterio.open(out) as src:
         present = np.unique(src.read(1))

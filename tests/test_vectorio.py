@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pyogrio
 import pytest
@@ -25,7 +22,7 @@ from casd_core.tiling import TilingConfig
 from casd_core.atomic import remove_stale_partials
 from casd_core.style import UNCERTAIN, qml_style
 from casd_core.vectorio import DISSOLVED_FIELDS, OUTPUT_FIELDS, read_aoi, write_predictions
-from helpers import AID_CLASSES, build_test_package
+from helpers import AID_CLASSES, build_test_package, run_qgis_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -196,15 +193,9 @@ def test_geopackage_opens_styled_in_qgis(rasters, tmp_path, package):
             gc.collect()
         app.exitQgis()
     """)
-    env = os.environ | {"QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis"),
-                        "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
-    (tmp_path / "xdg").mkdir(mode=0o700)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=120)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 2, done.stderr[-2000:]
-    for line in lines:
-        result = json.loads(line[len("RESULT"):])
+    results = run_qgis_script(script, tmp_path)
+    assert len(results) == 2
+    for result in results:
         assert result["valid"] and result["crs"] == "EPSG:28992" and result["count"] == 25
         assert [name for name in result["fields"] if name != "fid"] == [n for n, _ in OUTPUT_FIELDS]
         assert result["renderer"] == "categorizedSymbol" and result["attr"] == "class_name"

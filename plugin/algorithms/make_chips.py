@@ -27,7 +27,8 @@ from ..feedback import monitor_for
 from ..styling import style_when_loaded
 from .classify_raster import raster_file
 from .common import CasdAlgorithm, advanced, dialog_names, user_errors
-from .tiling_params import NODATA_THRESHOLD, STRIDE, TILE_SIZE, TILE_UNIT, TILE_UNITS, TILING_PARAMETERS, _decimals
+from .tiling_params import (NODATA_THRESHOLD, STRIDE, TILE_SIZE, TILE_UNIT, TILE_UNITS, TILING_PARAMETERS,
+                            fraction_parameter, stride_parameter, tile_size_parameter, tile_unit_parameter)
 
 LABELS = "LABELS"
 CLASS_FIELD = "CLASS_FIELD"
@@ -105,35 +106,28 @@ class MakeChipsAlgorithm(CasdAlgorithm):
         self.addParameter(QgsProcessingParameterMultipleLayers(
             RASTERS, "Raster layers (the same bands)", layerType=QgsProcessing.SourceType.TypeRaster))
         self.add_model_parameter(MODEL)
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
-            TILE_SIZE, "Tile size (of one chip; empty: the model's recommended footprint)",
-            type=double, minValue=0.0, optional=True), 1))
-        self.addParameter(QgsProcessingParameterEnum(
-            TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS],
-            defaultValue=[unit for unit, _ in TILE_UNITS].index(ChipConfig.unit)))
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
-            STRIDE, "Stride (in the tile size unit; empty: the tile size, no overlap)",
-            type=double, minValue=0.0, optional=True), 1))
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
+        self.addParameter(tile_size_parameter("Tile size (of one chip; empty: the model's recommended footprint)"))
+        self.addParameter(tile_unit_parameter(ChipConfig.unit))
+        self.addParameter(stride_parameter("Stride (in the tile size unit; empty: the tile size, no overlap)"))
+        self.addParameter(fraction_parameter(
             MIN_COVERAGE, "Minimum coverage (share of a chip its class's polygons must cover)",
-            type=double, minValue=0.0, maxValue=1.0, defaultValue=ChipConfig.min_coverage), 2))
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
+            ChipConfig.min_coverage))
+        self.addParameter(fraction_parameter(
             MAX_OTHER_COVERAGE, "Maximum other-class coverage (a chip other classes cover more is mixed "
-            "and dropped)", type=double, minValue=0.0, maxValue=1.0,
-            defaultValue=ChipConfig.max_other_coverage), 2))
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
+            "and dropped)", ChipConfig.max_other_coverage))
+        self.addParameter(fraction_parameter(
             NODATA_THRESHOLD, "Nodata threshold (skip chips with more than this fraction of nodata pixels)",
-            type=double, minValue=0.0, maxValue=1.0, defaultValue=ChipConfig.nodata_threshold), 2))
+            ChipConfig.nodata_threshold))
         self.addParameter(QgsProcessingParameterEnum(
             SPLIT_BY, "Split by (spatial groups kept on one side of the train/test split)",
             options=[SPLIT_LABELS.get(key, key) for key in self._splits],
             defaultValue=self._splits.index(ChipConfig.split_by)))
-        self.addParameter(advanced(_decimals(QgsProcessingParameterNumber(
+        self.addParameter(advanced(QgsProcessingParameterNumber(
             BLOCK_SIZE, "Block size (side of a block in metres, when splitting by block)",
-            type=double, minValue=0.0, defaultValue=ChipConfig.block_size), 0)))
-        self.addParameter(_decimals(QgsProcessingParameterNumber(
+            type=double, minValue=0.0, defaultValue=ChipConfig.block_size)))
+        self.addParameter(fraction_parameter(
             TEST_FRACTION, "Test fraction (share of each class's chips held out for test, in whole groups)",
-            type=double, minValue=0.0, maxValue=1.0, defaultValue=ChipConfig.test_fraction), 2))
+            ChipConfig.test_fraction))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             SEED, "Random seed (of the split)", type=integer, defaultValue=ChipConfig.seed, minValue=0)))
         self.addParameter(advanced(QgsProcessingParameterNumber(

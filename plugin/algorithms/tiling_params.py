@@ -37,28 +37,42 @@ def _decimals(param, decimals: int):
     return param
 
 
+def tile_size_parameter(label: str = "Tile size (empty: the model's recommended footprint)"):
+    return _decimals(QgsProcessingParameterNumber(
+        TILE_SIZE, label, type=QgsProcessingParameterNumber.Type.Double, minValue=0.0, optional=True), 1)
+
+
+def tile_unit_parameter(default_unit: str):
+    return QgsProcessingParameterEnum(TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS],
+                                      defaultValue=[unit for unit, _ in TILE_UNITS].index(default_unit))
+
+
+def stride_parameter(label: str = "Stride (in the tile size unit; empty: from the overlap)"):
+    return _decimals(QgsProcessingParameterNumber(
+        STRIDE, label, type=QgsProcessingParameterNumber.Type.Double, minValue=0.0, optional=True), 1)
+
+
+def fraction_parameter(name: str, label: str, default: float, maximum: float = 1.0):
+    """A share in [0, ``maximum``], shown with two decimals."""
+    return _decimals(QgsProcessingParameterNumber(
+        name, label, type=QgsProcessingParameterNumber.Type.Double, minValue=0.0, maxValue=maximum,
+        defaultValue=default), 2)
+
+
 def add_tiling_parameters(algorithm) -> None:
     from casd_core.inference import InferenceConfig
     from casd_core.tiling import TilingConfig
 
-    double, integer = QgsProcessingParameterNumber.Type.Double, QgsProcessingParameterNumber.Type.Integer
-    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
-        TILE_SIZE, "Tile size (empty: the model's recommended footprint)",
-        type=double, minValue=0.0, optional=True), 1))
-    algorithm.addParameter(QgsProcessingParameterEnum(
-        TILE_UNIT, "Tile size unit", options=[label for _, label in TILE_UNITS],
-        defaultValue=[unit for unit, _ in TILE_UNITS].index(TilingConfig.unit)))
-    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
-        OVERLAP, "Overlap between neighbouring tiles (fraction of a tile)",
-        type=double, minValue=0.0, maxValue=0.95, defaultValue=TilingConfig.overlap), 2))
-    algorithm.addParameter(advanced(_decimals(QgsProcessingParameterNumber(
-        STRIDE, "Stride (in the tile size unit; empty: from the overlap)",
-        type=double, minValue=0.0, optional=True), 1)))
-    algorithm.addParameter(_decimals(QgsProcessingParameterNumber(
+    algorithm.addParameter(tile_size_parameter())
+    algorithm.addParameter(tile_unit_parameter(TilingConfig.unit))
+    algorithm.addParameter(fraction_parameter(
+        OVERLAP, "Overlap between neighbouring tiles (fraction of a tile)", TilingConfig.overlap, 0.95))
+    algorithm.addParameter(advanced(stride_parameter()))
+    algorithm.addParameter(fraction_parameter(
         NODATA_THRESHOLD, "Nodata threshold (skip tiles with more than this fraction of nodata pixels)",
-        type=double, minValue=0.0, maxValue=1.0, defaultValue=TilingConfig.nodata_threshold), 2))
+        TilingConfig.nodata_threshold))
     algorithm.addParameter(advanced(QgsProcessingParameterNumber(
-        BATCH_SIZE, "Batch size (tiles per forward pass)", type=integer,
+        BATCH_SIZE, "Batch size (tiles per forward pass)", type=QgsProcessingParameterNumber.Type.Integer,
         defaultValue=InferenceConfig.batch_size, minValue=1)))
 
 
