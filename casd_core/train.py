@@ -5,6 +5,8 @@ RNG states), so a run that is killed, even with ``kill -9`` mid-epoch, continues
 finished epoch when the same command is run again. The validation split is carved from the
 ``train`` rows; the ``test`` rows are evaluated once, with the best-on-validation weights and
 the softmax temperature fitted on the validation rows (:mod:`casd_core.calibration`).
+With ``init`` the run fine-tunes a model package's backbone under a new head, optionally
+frozen for the first ``freeze_epochs`` (:mod:`casd_core.finetune`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,12 @@ from tqdm import tqdm
 
 from casd_core.atomic import atomic_path, write_text_atomic
 from casd_core.calibration import fit_on_validation
-from casd_core.data import SceneDataset, band_names, build_transforms, pixel_statistics, read_image, training_rows
+from casd_core.data import RunData, pixel_statistics
 from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
+from casd_core.finetune import check_backbone, resolve_init, set_backbone_frozen, training_scale
 from casd_core.losses import LossConfig, build_loss
-from casd_core.models import build_model, default_normalization
+from casd_core.models import build_model, build_model_from_package, default_normalization, package_normalization
 from casd_core.package import ModelPackage, default_class_colors
 from casd_core.progress import Monitor
 from casd_core.runtime import prepare_cpu, resolve_device
@@ -42,6 +45,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"  # written last: its presence marks a finished run
 NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
+# Field metadata of the settings added after the study: at their default they are left out of
+# the fingerprint, so runs (and study rows) configured before they existed still resume.
+AFTER_STUDY = {"after_study": True}
 
 
 @dataclass
@@ -52,6 +58,11 @@ class TrainConfig:
     model, ``experiments/aid20_224/casd.toml``: CASD, EfficientNet-Lite0, 224 px, 20 epochs;
     ``tests/test_defaults.py`` checks them against the package's recorded training config.
     Data-specific settings (paths, bands, GSD, tile footprint) have no recipe default.
+
+    ``init`` (a model package, or ``"default"``: the embedded model) starts from that
+    package's backbone with a new head, instead of ``pretrained`` weights; ``freeze_epochs``
+    keeps the backbone frozen for the first epochs. Settings added after the study carry
+    ``metadata=AFTER_STUDY`` (see :meth:`fingerprint`).
     """
 
     data_root: Path
@@ -78,6 +89,8 @@ class TrainConfig:
     value_scale: float | None = None
     gsd_m: float | None = None
     tile_footprint_m: float | None = None
+    init: str | None = field(default=None, metadata=AFTER_STUDY)
+    freeze_epochs: int = field(default=0, metadata=AFTER_STUDY)
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -91,6 +104,9 @@ class TrainConfig:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise CasdError(f"{param(key)} must be at least 1, got {getattr(self, key)}")
+        if self.freeze_epochs < 0:
+            raise CasdError(f"{param('freeze_epochs')} must be 0 or more, got {self.freeze_epochs}")
+        self.init = str(self.init) if self.init else None
         if not 0 <= self.val_fraction < 1:
             raise CasdError(f"{param('val_fraction')} must be in [0, 1), got {self.val_fraction}")
 
@@ -98,8 +114,13 @@ class TrainConfig:
         return json.loads(json.dumps(asdict(self), default=str))
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed (device and workers may change)."""
-        settings = {k: v for k, v in self.to_json().items() if k not in ("device", "workers", "out_dir")}
+        """What must match for a checkpoint to be resumed: every setting but ``device``,
+        ``workers`` and ``out_dir``, and but a setting added after the study (field metadata
+        :data:`AFTER_STUDY`) while it is at its default, so that adding a setting never changes
+        the fingerprint of the runs configured before it existed."""
+        omitted = {"device", "workers", "out_dir"} | {
+            f.name for f in fields(self) if f.metadata.get("after_study") and getattr(self, f.name) == f.default}
+        settings = {k: v for k, v in self.to_json().items() if k not in omitted}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -153,28 +174,6 @@ def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: t
     return out, chunks[0].detach(), features[: len(labels[0])].detach()
 
 
-class _Data:
-    """The run's datasets: train (carved), validation (carved from train), optional test."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.seed, cfg.subset_per_class)
-        self.class_names = rows.class_names
-        # The first image tells how many bands the network takes (RGB photos, multi-band chips).
-        first = rows.train[0].path
-        self.bands = band_names(first, cfg.bands)
-        self.value_scale = cfg.value_scale or 255.0
-        read_image(first, cfg.bands, cfg.value_scale)  # fails early on uint16 without a scale
-        self.mean, self.std = default_normalization(cfg.backbone, len(self.bands))
-        train_tf = build_transforms(cfg.input_size, self.mean, self.std, train=True)
-        eval_tf = build_transforms(cfg.input_size, self.mean, self.std, train=False)
-
-        def dataset(samples: list, transform: Any) -> SceneDataset:
-            return SceneDataset(samples, self.class_names, transform, cfg.bands, cfg.value_scale)
-
-        self.train, self.val, self.test = (dataset(rows.train, train_tf), dataset(rows.val, eval_tf),
-                                           dataset(rows.test, eval_tf))
-
-
 class Trainer:
     """Runs a :class:`TrainConfig` to a model package, resuming from its checkpoint."""
 
@@ -183,11 +182,22 @@ class Trainer:
         self.monitor = monitor or Monitor()
         self.device = resolve_device(cfg.device)
         prepare_cpu()  # ~1.8x faster CASD steps on CPU (benchmarks/bench_training.py)
-        self.data = _Data(cfg)
+        self.init = resolve_init(cfg.init)  # fine-tuning: the package whose backbone we start from
+        if self.init:
+            check_backbone(self.init, cfg.backbone)
+        self.data = RunData(cfg, lambda bands: (package_normalization(self.init.package, bands) if self.init
+                                                else default_normalization(cfg.backbone, bands)))
+        self.scale = training_scale(cfg.tile_footprint_m, cfg.gsd_m, cfg.input_size, cfg.data_root, cfg.split_csv,
+                                    [s.path for s in self.data.train.samples], self.init)
         num_classes = len(self.data.class_names)
         _seed_everything(cfg.seed)
-        self.model = build_model(cfg.backbone, num_classes, in_channels=len(self.data.bands),
-                                 pretrained=cfg.pretrained).to(self.device)
+        if self.init:  # a resumed run overwrites these weights with its checkpoint's
+            tqdm.write(f"fine-tuning the {self.init.package.backbone} backbone of {self.init.path} on "
+                       f"{num_classes} classes; tiles of {self.scale['tile_footprint_m']} m ({self.scale['source']})")
+            model = build_model_from_package(self.init.package, num_classes, len(self.data.bands))
+        else:
+            model = build_model(cfg.backbone, num_classes, len(self.data.bands), pretrained=cfg.pretrained)
+        self.model = model.to(self.device)
         self.loss = build_loss(cfg.loss, num_classes).to(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -223,6 +233,7 @@ class Trainer:
     def _checkpoint(self, epoch: int) -> dict[str, Any]:
         return {
             "fingerprint": self.cfg.fingerprint(),
+            "init_sha256": self.init.sha256 if self.init else "",
             "epoch": epoch,
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
@@ -247,6 +258,10 @@ class Trainer:
         if state["fingerprint"] != self.cfg.fingerprint():
             raise CasdError(f"{self.cfg.out_dir} holds a run with different settings; "
                             f"use another {param('out_dir')}, or delete its checkpoint.pt to start over")
+        if self.init and state.get("init_sha256") != self.init.sha256:
+            raise CasdError(f"the {param('init')} model {self.init.path} changed since the run in "
+                            f"{self.cfg.out_dir} started from it; pass the file it started from, or delete its "
+                            "checkpoint.pt to start over")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -263,6 +278,9 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
+        frozen = epoch < self.cfg.freeze_epochs  # decided by the epoch, so a resumed run agrees
+        if self.cfg.freeze_epochs:
+            set_backbone_frozen(self.model, frozen)
         self.sampler.set_epoch(epoch)
         num_classes = len(self.data.class_names)
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -308,6 +326,8 @@ class Trainer:
         metrics["train_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
         metrics["images_per_s"] = images_seen / elapsed
         metrics["epoch_seconds"] = elapsed
+        if self.cfg.freeze_epochs:
+            metrics["backbone_frozen"] = frozen
         return metrics
 
     # -- the whole run ------------------------------------------------------------------------
@@ -365,9 +385,10 @@ class Trainer:
             bands=self.data.bands,
             input_size=self.cfg.input_size,
             mean=self.data.mean, std=self.data.std, value_scale=self.data.value_scale,
-            gsd_m=self.cfg.gsd_m, tile_footprint_m=self.cfg.tile_footprint_m, temperature=temperature,
+            gsd_m=self.scale["gsd_m"], tile_footprint_m=self.scale["tile_footprint_m"], temperature=temperature,
             pixel_stats=pixel_statistics(self.data.train, seed=self.cfg.seed),
-            training={**self.cfg.to_json(), "history": self.history},
+            training={**self.cfg.to_json(), "history": self.history, "scale": self.scale,
+                      **({"init_package": self.init.record()} if self.init else {})},
             metrics=metrics,
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         )

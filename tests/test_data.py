@@ -87,3 +87,45 @@ def test_missing_inputs_are_clear_errors(aid_root: Path, tmp_path: Path) -> None
         read_split(aid_root / "split_20.csv", tmp_path)
     with pytest.raises(CasdError, match="does not exist"):
         scan_class_folders(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name, train, test", [("split_20.csv", 2000, 7999), ("split_50.csv", 4999, 5000)])
+def test_the_shipped_split_files_load_whole(aid_root: Path, name: str, train: int, test: int) -> None:
+    splits, _ = read_split(aid_root / name, aid_root)
+    assert {k: len(v) for k, v in splits.items()} == {"train": train, "test": test}
+    assert all(s.group is None for s in splits["train"][:10])
+
+
+def _write_csv(path: Path, rows: list[tuple[str, ...]]) -> Path:
+    path.write_text("\n".join(",".join(row) for row in rows) + "\n")
+    return path
+
+
+def test_split_values_other_than_train_test_val_are_refused(aid_root: Path, tmp_path: Path) -> None:
+    csv_path = _write_csv(tmp_path / "bad.csv", [("path", "label", "split"), ("Forest/forest_1.jpg", "Forest", "train"),
+                                                 ("Forest/forest_2.jpg", "Forest", "Test")])
+    with pytest.raises(CasdError, match=r"line 3: split 'Test' is not one of train, test, val") as error:
+        read_split(csv_path, aid_root)
+    assert error.value.params == ["split_csv"]
+
+
+def test_groups_are_kept_and_val_rows_are_the_validation_set(aid_root: Path, tmp_path: Path) -> None:
+    from casd_core.data import training_rows
+
+    rows = [("path", "label", "split", "group")]
+    rows += [(f"Forest/forest_{i}.jpg", "Forest", "train", f"polygon:{i // 3}") for i in range(1, 13)]
+    rows += [(f"River/river_{i}.jpg", "River", "train", "") for i in range(1, 7)]
+    rows += [("River/river_20.jpg", "River", "test", "polygon:9")]
+    splits, names = read_split(_write_csv(tmp_path / "grouped.csv", rows), aid_root)
+    assert names == ["Forest", "River"] and splits["test"][0].group == "polygon:9"
+    assert [s.group for s in splits["train"][:3]] == ["polygon:0", "polygon:0", "polygon:1"]
+    assert splits["train"][-1].group is None  # an empty group: a group of its own
+    carved = training_rows(aid_root, tmp_path / "grouped.csv", 0.3, seed=0)
+    forest_val = {s.group for s in carved.val if s.label == 0}
+    assert forest_val and not forest_val & {s.group for s in carved.train}
+    assert sum(s.label == 1 for s in carved.val) == 2  # River's 6 ungrouped rows: per row, 30 %
+    given = _write_csv(tmp_path / "with_val.csv", rows[:1] + [r[:3] + ("",) for r in rows[1:12]]
+                       + [("Forest/forest_30.jpg", "Forest", "val", ""), ("River/river_30.jpg", "River", "val", "")])
+    with_val = training_rows(aid_root, given, 0.3, seed=0)
+    assert [s.path.name for s in with_val.val] == ["forest_30.jpg", "river_30.jpg"]
+    assert len(with_val.train) == 11

@@ -28,7 +28,7 @@ def _run_train(args: argparse.Namespace) -> int:
         seed=args.seed, negatives=args.negatives, loss=loss, subset_per_class=args.subset_per_class,
         package_name=args.package_name, device=args.device, workers=args.workers,
         bands=parse_bands(args.bands), value_scale=args.value_scale, gsd_m=args.gsd_m,
-        tile_footprint_m=args.tile_footprint_m,
+        tile_footprint_m=args.tile_footprint_m, init=args.init, freeze_epochs=args.freeze_epochs,
     )
     result = train(cfg)
     test = result.metrics.get("test")
@@ -42,21 +42,25 @@ def _run_train(args: argparse.Namespace) -> int:
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers, "train", _run_train, "train a scene classifier (plain CE, CS-KD or CASD)",
-        "Train a scene classifier on a folder of class sub-folders. A validation split is "
-        "carved from the 'train' rows for model selection; the 'test' rows are evaluated once "
-        "at the end. Rerun the same command after an interruption to resume.")
+        "Train a scene classifier on a folder of class sub-folders (or a `casd chips` folder). A "
+        "validation split is carved from the 'train' rows for model selection (whole spatial groups "
+        "when the CSV has a 'group' column); the 'test' rows are evaluated once at the end. --init "
+        "fine-tunes a model package on your classes. Rerun the same command after an interruption "
+        "to resume.")
     t, loss = (lambda name: default_of(TrainConfig, name)), (lambda name: default_of(LossConfig, name))
     p.add_argument("--data", dest="data_root", type=Path, required=True,
                    help="folder the images (and the CSV paths) live in")
     p.add_argument("--split", dest="split_csv", type=Path,
-                   help="CSV with columns path,label,split (train/test rows); "
+                   help="CSV with columns path,label,split (train/test/val rows) and optionally group "
+                        "(as `casd chips` writes it); "
                         "without it every image under --data/<class>/ is training data")
     p.add_argument("--out", dest="out_dir", type=Path, required=True,
                    help="output folder: model package, metrics log, confusion matrix")
     p.add_argument("--method", choices=["ce", "cskd", "casd"], default=t("method"), help="training objective")
     p.add_argument("--backbone", default=t("backbone"), help="network architecture (see docs for the list)")
     p.add_argument("--pretrained", choices=["imagenet", "none"], default=t("pretrained") or "none",
-                   help="start from ImageNet weights (offline for efficientnet_lite0) or from scratch")
+                   help="start from ImageNet weights (offline for efficientnet_lite0) or from scratch "
+                        "(not used with --init)")
     p.add_argument("--epochs", type=int, default=t("epochs"), help="passes over the training rows")
     p.add_argument("--batch-size", type=int, default=t("batch_size"),
                    help="anchors per batch (CASD forwards 3x this many images)")
@@ -70,6 +74,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="share of each class's train rows held out for validation")
     p.add_argument("--seed", type=int, default=t("seed"), help="seed of the split carve, sampler and weights")
     p.add_argument("--subset-per-class", type=int, help="use at most this many images per class (quick runs)")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--init", metavar="MODEL", default=t("init"),
+                   help="fine-tune: start from the backbone of this model package (.safetensors; 'default': "
+                        "the embedded model) with a new head for these classes, instead of --pretrained weights")
+    f.add_argument("--freeze-epochs", type=int, default=t("freeze_epochs"), metavar="N",
+                   help="keep the backbone frozen (weights and batch-norm statistics) for the first N epochs; "
+                        "only the head learns then, several times faster")
     g = p.add_argument_group("CS-KD / CASD distillation")
     g.add_argument("--negatives", choices=["random", "confusion", "centroid"], default=t("negatives"),
                    help="how CASD picks the other-class image: uniformly, or preferring classes the model confuses")
@@ -98,9 +109,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--value-scale", type=float,
                    help="divide pixel values by this to get [0, 1] (default 255 for uint8; required for uint16)")
     m.add_argument("--gsd", dest="gsd_m", type=float,
-                   help="nominal ground sample distance of the training images, metres/pixel")
+                   help="ground size of one network input pixel, metres (default on a `casd chips` folder: "
+                        "the chips' footprint / --input-size; else unknown)")
     m.add_argument("--tile-footprint", dest="tile_footprint_m", type=float,
-                   help="recommended ground size of one tile at inference, metres")
+                   help="recommended ground size of one tile at inference, metres (default: the chips' footprint "
+                        "on a `casd chips` folder, else the --init model's)")
     m.add_argument("--package-name", default=t("package_name"), help="file name of the model package in --out")
     m.add_argument("--device", default=t("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
     m.add_argument("--workers", type=int, help="DataLoader worker processes (default: 1 on CPU, up to 8 on CUDA)")

@@ -7,13 +7,16 @@ from qgis.core import (QgsProcessingOutputFile, QgsProcessingOutputNumber, QgsPr
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber)
 
 from ..feedback import monitor_for
-from .common import CasdAlgorithm, advanced, use_python_for_child_processes, user_errors
+from .common import MODEL_FILTER, CasdAlgorithm, advanced, use_python_for_child_processes, user_errors
 
 DATA_FOLDER = "DATA_FOLDER"
 SPLIT_CSV = "SPLIT_CSV"
 METHOD = "METHOD"
 BACKBONE = "BACKBONE"
 PRETRAINED = "PRETRAINED"
+INIT = "INIT"
+INIT_DEFAULT = "INIT_DEFAULT"
+FREEZE_EPOCHS = "FREEZE_EPOCHS"
 EPOCHS = "EPOCHS"
 BATCH_SIZE = "BATCH_SIZE"
 SUBSET_PER_CLASS = "SUBSET_PER_CLASS"
@@ -48,7 +51,12 @@ class TrainAlgorithm(CasdAlgorithm):
             "<b>Method</b>: <i>casd</i> (Class-Aware Self-Distillation: same-class and confusable "
             "other-class partners with a learnable margin), <i>cskd</i> (class-wise self-distillation) "
             "or <i>ce</i> (plain cross-entropy). <b>Tile footprint</b> (optional) is the ground size "
-            "in metres of one training image; it becomes the default tile size when classifying rasters.<br><br>"
+            "in metres of one training image; it becomes the default tile size when classifying rasters "
+            "(empty: on a chip folder made by <i>Make training chips</i>, the chips' footprint).<br><br>"
+            "<b>Fine-tune</b>: choose a <b>model package to start from</b>, or tick <b>Start from the "
+            "embedded model</b>: its trained backbone gets a new head for your classes (far better than "
+            "ImageNet weights with a few tens of chips per class). <b>Freeze the backbone for the first "
+            "epochs</b> trains only the head then, several times faster.<br><br>"
             "The run folder keeps a checkpoint after each epoch: running again with the same settings "
             "and folder resumes. Cancel stops between batches; no model package is written then. "
             "Training is slow on a CPU: try a few epochs and a small subset per class first."
@@ -57,6 +65,7 @@ class TrainAlgorithm(CasdAlgorithm):
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
         from casd_core.losses import METHODS
         from casd_core.models import BACKBONES
+        from casd_core.finetune import DEFAULT_INIT
         from casd_core.train import TrainConfig  # its field defaults are the dialog's defaults
 
         self._methods = list(METHODS)
@@ -75,6 +84,14 @@ class TrainAlgorithm(CasdAlgorithm):
             defaultValue=self._backbones.index(TrainConfig.backbone)))
         self.addParameter(QgsProcessingParameterBoolean(
             PRETRAINED, "Start from ImageNet weights", defaultValue=TrainConfig.pretrained is not None))
+        self.addParameter(QgsProcessingParameterFile(
+            INIT, "Fine-tune: model package to start from (empty: none)",
+            behavior=QgsProcessingParameterFile.Behavior.File, fileFilter=MODEL_FILTER, optional=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            INIT_DEFAULT, "Fine-tune: start from the embedded model", defaultValue=TrainConfig.init == DEFAULT_INIT))
+        self.addParameter(QgsProcessingParameterNumber(
+            FREEZE_EPOCHS, "Freeze the backbone for the first epochs", type=integer,
+            defaultValue=TrainConfig.freeze_epochs, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(
             EPOCHS, "Epochs", type=integer, defaultValue=TrainConfig.epochs, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
@@ -97,10 +114,13 @@ class TrainAlgorithm(CasdAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         use_python_for_child_processes()
         with user_errors(self, PARAMETERS):
+            from casd_core.finetune import DEFAULT_INIT
             from casd_core.train import TrainConfig, train
 
             subset = self.parameterAsInt(parameters, SUBSET_PER_CLASS, context)
             footprint = self.parameterAsDouble(parameters, TILE_FOOTPRINT, context)
+            init = self.parameterAsFile(parameters, INIT, context) or (
+                DEFAULT_INIT if self.parameterAsBoolean(parameters, INIT_DEFAULT, context) else None)
             config = TrainConfig(
                 data_root=self.parameterAsFile(parameters, DATA_FOLDER, context),
                 split_csv=self.parameterAsFile(parameters, SPLIT_CSV, context) or None,
@@ -113,9 +133,11 @@ class TrainAlgorithm(CasdAlgorithm):
                 subset_per_class=subset or None,  # an empty optional number reads as 0
                 tile_footprint_m=footprint or None,
                 seed=self.parameterAsInt(parameters, SEED, context),
+                init=init, freeze_epochs=self.parameterAsInt(parameters, FREEZE_EPOCHS, context),
                 device=self.device(parameters, DEVICE, context),
             )
-            feedback.pushInfo(f"Training {config.method} on {config.backbone} for {config.epochs} epoch(s) "
+            start = f" from {config.init}" if config.init else ""
+            feedback.pushInfo(f"Training {config.method} on {config.backbone}{start} for {config.epochs} epoch(s) "
                               f"into {config.out_dir}")
             result = train(config, monitor_for(feedback))
         validation = result.metrics.get("validation", {}).get("overall_accuracy")
