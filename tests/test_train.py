@@ -15,26 +15,7 @@ import pytest
 
 from casd_core.cli import main
 from casd_core.package import ModelPackage
-
-
-def _small_split(aid_root: Path, out: Path, train_per_class: int, test_per_class: int) -> Path:
-    """A split CSV over the real images: the first N train and M test rows of each class."""
-    with (aid_root / "split_20.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    taken: dict[tuple[str, str], int] = {}
-    keep = []
-    for row in rows:
-        key = (row["label"], row["split"])
-        limit = train_per_class if row["split"] == "train" else test_per_class
-        if taken.get(key, 0) < limit:
-            taken[key] = taken.get(key, 0) + 1
-            keep.append(row)
-    path = out / "small_split.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(keep)
-    return path
+from helpers import small_split
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +23,7 @@ def casd_run(aid_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """`casd train --method casd` for two short epochs on 10 train images per class (at the
     images' own 150 px, not the 224-px default, to stay fast on 2 cores)."""
     work = tmp_path_factory.mktemp("casd_run")
-    split = _small_split(aid_root, work, train_per_class=10, test_per_class=5)
+    split = small_split(aid_root, work, train_per_class=10, test_per_class=5)
     out = work / "run"
     code = main(["train", "--data", str(aid_root), "--split", str(split), "--method", "casd",
                  "--backbone", "efficientnet_lite0", "--epochs", "2", "--batch-size", "16",
@@ -116,7 +97,7 @@ def test_a_different_config_in_the_same_folder_is_refused(casd_run: tuple[Path, 
 
 
 def test_kill_9_mid_epoch_then_rerun_resumes(aid_root: Path, tmp_path: Path) -> None:
-    split = _small_split(aid_root, tmp_path, train_per_class=6, test_per_class=1)
+    split = small_split(aid_root, tmp_path, train_per_class=6, test_per_class=1)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "casd_core.cli", "train", "--data", str(aid_root), "--split", str(split),
                "--method", "cskd", "--epochs", "2", "--batch-size", "8", "--input-size", "150", "--out", str(out)]
