@@ -103,14 +103,6 @@ def predict_outputs(model: torch.nn.Module, dataset: SceneDataset, device: torch
         images_per_s=n / elapsed if elapsed > 0 and n else 0.0)
 
 
-def predict_dataset(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
-                    batch_size: int = 64, monitor: Monitor | None = None,
-                    workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted class indices for every image of ``dataset``."""
-    out = predict_outputs(model, dataset, device, batch_size, monitor, workers)
-    return out.labels, out.predicted
-
-
 def evaluate_model(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
                    batch_size: int = 64, with_confusion: bool = False,
                    monitor: Monitor | None = None, workers: int | None = None,
