@@ -304,7 +304,8 @@ class SceneDataset(Dataset):
 
 class RunData:
     """The datasets of one training run (``cfg``: a :class:`~casd_core.train.TrainConfig`):
-    ``train`` (augmented), ``val`` and ``test`` (:func:`training_rows`), their ``class_names``,
+    ``train`` (augmented; ``train_unaugmented`` as evaluation sees images), ``val`` and ``test``
+    (:func:`training_rows`), their ``class_names``,
     the ``bands`` the first training image has (RGB photos, multi-band chips), the
     ``value_scale`` and the per-band ``mean``/``std``, ``normalization(number of bands)``."""
 
@@ -324,3 +325,4 @@ class RunData:
 
         self.train, self.val, self.test = (dataset(rows.train, train_tf), dataset(rows.val, eval_tf),
                                            dataset(rows.test, eval_tf))
+        self.train_unaugmented = dataset(rows.train, eval_tf)  # what batch-norm statistics are taken on

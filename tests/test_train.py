@@ -164,3 +164,22 @@ def test_four_band_geotiff_chips_train_and_evaluate(rasters: Path, tmp_path: Pat
     report = json.loads(capsys.readouterr().out)
     assert report["num_samples"] == 2
     assert report["overall_accuracy"] == package.metrics["test"]["overall_accuracy"]
+
+
+def test_without_validation_rows_the_last_epoch_is_the_model(aid_root: Path, tmp_path: Path, capsys) -> None:
+    """No validation rows: nothing to select on, so the package holds the last epoch's weights
+    (not the first's, as an empty validation set's 0 % once made it)."""
+    import torch
+
+    split = small_split(aid_root, tmp_path, train_per_class=2, test_per_class=0)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(aid_root), "--split", str(split), "--out", str(out), "--method", "ce",
+                 "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--val-fraction", "0",
+                 "--device", "cpu"]) == 0
+    assert "no validation rows: the model is the last epoch's (2)" in capsys.readouterr().out
+    package = ModelPackage.load(out / "model.safetensors")
+    assert package.metrics["validation"]["overall_accuracy"] is None
+    assert package.metrics["validation"]["best_epoch"] == 2
+    last = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    for name, value in package.state_dict.items():
+        torch.testing.assert_close(value, last[name].to(value.dtype), msg=name)

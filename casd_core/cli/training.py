@@ -13,6 +13,7 @@ from casd_core.train import TrainConfig
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from casd_core.distributed import launched_rank
     from casd_core.train import train
 
     loss = LossConfig(method=args.method, temperature=args.temperature, distill_weight=args.distill_weight,
@@ -31,9 +32,15 @@ def _run_train(args: argparse.Namespace) -> int:
         tile_footprint_m=args.tile_footprint_m, init=args.init, freeze_epochs=args.freeze_epochs,
     )
     result = train(cfg)
+    if launched_rank() != 0:  # under torchrun every rank returns the result; rank 0 reports it
+        return 0
     test = result.metrics.get("test")
     print(f"model package: {result.package_path}")
-    print(f"validation OA: {result.metrics['validation']['overall_accuracy']:.4f}")
+    validation = result.metrics["validation"]
+    if validation["overall_accuracy"] is None:
+        print(f"no validation rows: the model is the last epoch's ({validation['best_epoch']})")
+    else:
+        print(f"validation OA: {validation['overall_accuracy']:.4f}")
     if test:
         print(f"test OA: {test['overall_accuracy']:.4f}  kappa: {test['kappa']:.4f}  (n={test['num_samples']})")
     return 0
