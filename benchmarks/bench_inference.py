@@ -17,6 +17,16 @@ the small mosaic runs enough batches to reach the steady state) on a small and a
 
     .venv/bin/python benchmarks/bench_inference.py                 # full: 10,000² + RSS 2,000²/20,000²
     .venv/bin/python benchmarks/bench_inference.py --quick --size 3000 --rss-sizes 1000,3000
+    .venv/bin/python benchmarks/bench_inference.py --gpu            # on a CUDA GPU, see below
+
+``--gpu``: EfficientNet-Lite0 at 224 px on the GPU: (g1) the model-only bound (float16
+autocast, channels_last, batches already on the GPU, best batch size); (g2) the pipeline
+(``classify_raster``: forked reader processes into pinned slots, copies overlapped with the
+model, GeoPackage written) on the 10,000² mosaic at 224-px tiles read 1:1, for a few reader
+process counts; the ratio, and the CPU cores the pipeline kept busy (CPU seconds / wall);
+(g0) the main process's own work per tile, without the model (tile polygons, labels, columns,
+GeoPackage write): a bound on the pipeline whatever the GPU (``--host-bound`` runs it alone,
+on any machine).
 
 It competes for the machine's cores with anything else running: the load average is printed.
 """
@@ -177,7 +187,99 @@ def worker_naive(cfg: dict) -> dict:
     return {"tiles": n, "tiles_per_s": n / (time.perf_counter() - start)}
 
 
-WORKERS = {"bound": worker_bound, "pipeline": worker_pipeline, "naive": worker_naive}
+def worker_gpu_bound(cfg: dict) -> dict:
+    """Model-only tiles/s on the GPU: float16 autocast, channels_last, inputs already there."""
+    import torch
+
+    from casd_core.package import ModelPackage
+
+    device = torch.device(cfg["device"])
+    model = ModelPackage.load(cfg["package"]).build_model().to(device).eval()
+    model = model.to(memory_format=torch.channels_last)
+    results = []
+    for batch in cfg["batches"]:
+        x = torch.randn(batch, 3, cfg["input"], cfg["input"], device=device).contiguous(
+            memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
+                                                    enabled=device.type == "cuda"):
+            for _ in range(3):
+                model(x)
+            synchronize(device)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < cfg["seconds"] or n < 4 * batch:
+                model(x)
+                n += batch
+            synchronize(device)
+            results.append({"batch": batch, "tiles_per_s": n / (time.perf_counter() - start)})
+    return {"results": results}
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker_gpu_pipeline(cfg: dict) -> dict:
+    """``classify_raster`` on the GPU; tiles/s over the whole call and after its first tenth,
+    and the CPU time of this process and its reader processes."""
+    import resource
+
+    from casd_core.inference import InferenceConfig, Predictor, classify_raster
+    from casd_core.progress import Monitor, ProgressEvent
+    from casd_core.tiling import TilingConfig
+
+    predictor = Predictor.from_package(cfg["package"], device=cfg["device"])
+    marks: list[tuple[float, int]] = []
+
+    def on_progress(event: ProgressEvent) -> None:
+        marks.append((time.perf_counter(), event.done))
+
+    inference = InferenceConfig(batch_size=cfg["batch"], device=cfg["device"],
+                                reader_processes=cfg["processes"])
+    tiling = TilingConfig(tile_size=cfg["input"], unit="px")
+    with tempfile.TemporaryDirectory() as tmp:
+        # a first raster warms up the GPU (cuDNN autotuning, allocator) and the file cache
+        classify_raster(cfg["raster"], Path(tmp) / "warm.gpkg", predictor, tiling, inference)
+        marks.clear()
+        before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        summary = classify_raster(cfg["raster"], Path(tmp) / "out.gpkg", predictor, tiling, inference,
+                                  monitor=Monitor(on_progress=on_progress))
+        after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+    tenth = next((t, d) for t, d in marks if d >= 0.1 * summary.tiles)
+    steady = (summary.tiles - tenth[1]) / max(marks[-1][0] - tenth[0], 1e-9)
+    return {"tiles": summary.tiles, "seconds": summary.seconds, "tiles_per_s": summary.tiles_per_second,
+            "steady_tiles_per_s": steady, "cpu_seconds": cpu, "cores_busy": cpu / summary.seconds}
+
+
+def worker_host(cfg: dict) -> dict:
+    """Tiles/s of what the pipeline's main process does per tile besides the model: the tile
+    polygons, labelling random probabilities in batches, the columns, the GeoPackage write."""
+    import torch
+
+    from casd_core import vectorio
+    from casd_core.inference.labels import Placed, label
+    from casd_core.package import ModelPackage
+    from casd_core.tiling import TilingConfig, tile_grid
+
+    package = ModelPackage.load(cfg["package"])
+    grid = tile_grid(cfg["raster"], TilingConfig(tile_size=cfg["tile"], unit="px"), package)
+    start = time.perf_counter()
+    tiles = [tile for _, tile in zip(range(cfg["tiles"]), grid)]
+    probabilities = torch.softmax(torch.randn(len(tiles), len(package.class_names)), 1)
+    predictions = []
+    for i in range(0, len(tiles), cfg["batch"]):
+        places = [Placed(t.polygon, t.row, t.col, t.window, 0.0) for t in tiles[i:i + cfg["batch"]]]
+        predictions += label(probabilities[i:i + cfg["batch"]], places, package.class_names, "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        vectorio.write_predictions(iter(predictions), Path(tmp) / "out.gpkg", grid.crs, "gpkg", package)
+    return {"tiles": len(tiles), "tiles_per_s": len(tiles) / (time.perf_counter() - start)}
+
+
+WORKERS = {"bound": worker_bound, "pipeline": worker_pipeline, "naive": worker_naive,
+           "gpu_bound": worker_gpu_bound, "gpu_pipeline": worker_gpu_pipeline, "host": worker_host}
 
 
 def wait_env(wait: str) -> dict[str, str]:
@@ -209,6 +311,82 @@ def run_worker(kind: str, cfg: dict, env: dict[str, str] | None = None,
         result["peak_classify_rss_mb"] = max(
             (rss for t, rss in samples if t >= result["classify_from"]), default=0) / 2**20
     return result
+
+
+def bench_package_224(cache: Path) -> Path:
+    """The benchmark model at 224 px (the GPU mode's input size)."""
+    out = cache / "bench_lite0_224.safetensors"
+    if out.is_file():
+        return out
+    from casd_core.package import ModelPackage
+
+    package = ModelPackage.load(bench_package(cache))
+    package.input_size = GPU_INPUT
+    return package.save(out)
+
+
+GPU_INPUT = 224
+
+
+def host_bound(args: argparse.Namespace, package: Path) -> dict:
+    """(g0), on up to 20,000 tiles of 32 px over the mosaic (more than its 224-px grid has)."""
+    return run_worker("host", {"package": str(package), "raster": str(mosaic(args.size, args.cache)),
+                               "tile": 32, "tiles": 20000, "batch": 512})
+
+
+def main_gpu(args: argparse.Namespace) -> None:
+    """The GPU table: model-only bound, pipeline for several reader process counts, ratio."""
+    import torch
+
+    if args.host_bound:
+        host = host_bound(args, bench_package_224(args.cache))
+        print(f"(g0) main process without the model: {host['tiles_per_s']:.0f} tiles/s "
+              f"({host['tiles']} tiles; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU(s))")
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU (or --device cpu for a smoke run of the same code)")
+    started = time.perf_counter()
+    package = bench_package_224(args.cache)
+    raster = mosaic(args.size, args.cache)
+    cores = len(os.sched_getaffinity(0))
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    batches = [int(b) for b in args.gpu_batches.split(",")]
+    bound = run_worker("gpu_bound", {"package": str(package), "device": args.device, "input": GPU_INPUT,
+                                     "batches": batches, "seconds": args.seconds})["results"]
+    best = max(bound, key=lambda r: r["tiles_per_s"])
+    print(f"  (g1) model only: {[(r['batch'], round(r['tiles_per_s'])) for r in bound]} (batch, tiles/s)",
+          flush=True)
+    processes = [int(n) for n in args.gpu_processes.split(",")] if args.gpu_processes else sorted(
+        {max(1, cores // 4), max(1, cores // 2), max(1, cores - 1)})
+    pipes = []
+    for n in processes:
+        r = run_worker("gpu_pipeline", {"package": str(package), "device": args.device, "raster": str(raster),
+                                        "input": GPU_INPUT, "batch": best["batch"], "processes": n})
+        pipes.append({**r, "processes": n})
+        print(f"  (g2) {n} reader processes: {r['tiles_per_s']:.0f} tiles/s ({r['steady_tiles_per_s']:.0f} "
+              f"after the first tenth), {r['cores_busy']:.1f} cores busy", flush=True)
+    top = max(pipes, key=lambda r: r["tiles_per_s"])
+    host = host_bound(args, package)
+    lines = [
+        f"mosaic {args.size}×{args.size} px (RGB JPEG tiles), EfficientNet-Lite0 {GPU_INPUT} px read 1:1, "
+        f"{name}, {cores} CPU cores, torch {torch.__version__}",
+        "",
+        "| measurement | setting | tiles/s |",
+        "|---|---|---:|",
+    ] + [f"| (g1) model only | batch {r['batch']}, float16 autocast, channels_last | {r['tiles_per_s']:.0f} |"
+         for r in bound] + [
+        f"| (g0) main process without the model | polygons, labels, columns, GeoPackage | "
+        f"{host['tiles_per_s']:.0f} |"] + [
+        f"| (g2) pipeline, {r['tiles']} tiles, GeoPackage written | {r['processes']} reader processes, "
+        f"batch {best['batch']}; {r['cores_busy']:.1f} cores busy; {r['steady_tiles_per_s']:.0f} after "
+        f"the first tenth | {r['tiles_per_s']:.0f} |" for r in pipes] + [
+        "",
+        f"(g2)/(g1) = {top['tiles_per_s'] / best['tiles_per_s']:.2f} with {top['processes']} reader processes "
+        f"({top['cores_busy']:.1f} of {cores} cores busy)",
+        "", f"total benchmark time {time.perf_counter() - started:.0f} s"]
+    print("\n".join(lines))
+    (args.cache / "bench_inference_gpu.json").write_text(json.dumps(
+        {"bound": bound, "pipelines": pipes, "host": host}, indent=1))
 
 
 def tree_rss(root: int) -> int:
@@ -247,11 +425,21 @@ def main() -> None:
     parser.add_argument("--naive-tiles", type=int, default=600, help="tiles timed in the naive loop")
     parser.add_argument("--rounds", type=int, default=3, help="alternating (a)/(b) runs for the ratio")
     parser.add_argument("--quick", action="store_true", help="fewer model-only settings")
+    parser.add_argument("--gpu", action="store_true", help="the GPU table instead (see the module doc)")
+    parser.add_argument("--device", default="cuda", help="with --gpu: the device (cpu: a smoke run)")
+    parser.add_argument("--gpu-batches", default="256,512,1024", help="with --gpu: model-only batch sizes")
+    parser.add_argument("--host-bound", action="store_true",
+                        help="with --gpu: only (g0), the main process's work per tile without the model")
+    parser.add_argument("--gpu-processes", default="",
+                        help="with --gpu: reader process counts to time (default: cores/4, /2, -1)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, cfg = args.worker
         print(json.dumps(WORKERS[kind](json.loads(cfg))))
+        return
+    if args.gpu:
+        main_gpu(args)
         return
 
     started = time.perf_counter()

@@ -185,7 +185,7 @@ def test_batch_summary_and_exit_code(capsys, folder, tmp_path, model):
     assert "broken.tif" in stdout and "failed" in stdout and "2 done" in stdout
     assert "merged layer" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["test_tiled.gpkg", NAIP.replace(".tif", ".gpkg"), "merged.gpkg"])
+        ["test_tiled.gpkg", NAIP.replace(".tif", ".gpkg"), "merged.gpkg", "summary.json"])
     (folder / "broken.tif").unlink()
     code, stdout, _ = _run(capsys, ["batch", str(folder), "-m", str(model), "-o", str(out),
                                     "--tile-size", "240", "--quiet"])
@@ -218,7 +218,8 @@ def test_batch_killed_then_rerun_has_no_duplicates(capsys, rasters, tmp_path, mo
     code, stdout, _ = _run(capsys, argv)
     assert code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(n.replace(".tif", ".gpkg") for n in names)  # no partial, no duplicate
+    assert files == sorted([*(n.replace(".tif", ".gpkg") for n in names), "summary.json"])  # no partial, no duplicate
+    files.remove("summary.json")
     assert f"{len(before)} skipped" in stdout
     for name in files:
         assert pyogrio.read_info(out / name, layer=name[:-5])["features"] == 35  # 7 x 5 tiles

@@ -265,7 +265,7 @@ def test_batch_reports_bad_file_and_goes_on(batch_folder, predictor, tmp_path):
     failed = next(r for r in summary.results if r.status == "failed")
     assert "not a raster" in failed.message and "\n" not in failed.message
     outputs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert outputs == ["a_tiled.gpkg", "merged.gpkg", "sub/b_naip.gpkg", "sub/c_tiled.gpkg"]
+    assert outputs == ["a_tiled.gpkg", "merged.gpkg", "sub/b_naip.gpkg", "sub/c_tiled.gpkg", "summary.json"]
     table = summary.table()
     assert "broken.tif" in table and "3 done" in table and "1 failed" in table
     # merged: every tile of every raster, reprojected to one CRS, with its source
@@ -302,7 +302,7 @@ def test_batch_killed_midway_then_rerun(batch_folder, predictor, tmp_path):
                       "broken.tif": "failed"}
     assert first.stat().st_mtime_ns == stamp
     outputs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert outputs == ["a_tiled.gpkg", "sub/b_naip.gpkg", "sub/c_tiled.gpkg"]
+    assert outputs == ["a_tiled.gpkg", "sub/b_naip.gpkg", "sub/c_tiled.gpkg", "summary.json"]
     again = classify_folder(batch_folder, out, predictor, BATCH_TILING, overwrite=True)
     assert [r.status for r in again.results].count("done") == 3
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from casd_core.cli.common import add_command, default_of, name_of_flag, parse_bands
 from casd_core.errors import CasdError, param
@@ -101,6 +104,9 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=run("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
     r.add_argument("--workers", type=int, default=run("workers"),
                    help="background threads reading tiles while the model runs (0: no overlap)")
+    r.add_argument("--reader-processes", type=int, default=run("reader_processes"), metavar="N",
+                   help="read tiles in N forked processes instead of threads, as a GPU needs; "
+                        "default on CUDA: this process's share of the cores but one; elsewhere threads; 0: threads")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -115,7 +121,8 @@ def _tiling_from_args(args: argparse.Namespace) -> TilingConfig:
 
 def _inference_from_args(args: argparse.Namespace) -> InferenceConfig:
     return InferenceConfig(batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           tta=args.tta, min_score=args.min_score, smooth=args.smooth)
+                           reader_processes=args.reader_processes, tta=args.tta, min_score=args.min_score,
+                           smooth=args.smooth)
 
 
 def _radiometry_from_args(args: argparse.Namespace) -> RadiometryConfig:
@@ -124,7 +131,8 @@ def _radiometry_from_args(args: argparse.Namespace) -> RadiometryConfig:
                             value_range=value_range, nodata=args.nodata, auto_nodata=args.auto_nodata)
 
 
-def _monitor(args: argparse.Namespace, bar: "_ProgressBar"):
+def _monitor(args: argparse.Namespace, bar: "_ProgressBar", who: str = ""):
+    """``who`` ("rank 1: ") names the process in warnings when several run."""
     from casd_core.errors import render_params
     from casd_core.progress import Monitor
 
@@ -132,7 +140,7 @@ def _monitor(args: argparse.Namespace, bar: "_ProgressBar"):
 
     def warn(message: str) -> None:
         bar.close()
-        print(f"casd {args.command}: warning: {render_params(message, name_of)}", file=sys.stderr)
+        print(f"casd {args.command}: warning: {who}{render_params(message, name_of)}", file=sys.stderr)
 
     return Monitor(on_progress=bar, on_warning=warn)
 
@@ -166,9 +174,24 @@ class _ProgressBar:
             self.bar = None
 
 
+@contextlib.contextmanager
+def _ranks(device: str) -> Iterator[tuple[int, int, str]]:
+    """(rank, world size, device of this rank) inside the process group when torchrun started
+    several processes; else (0, 1, ``device``) without importing torch (the ONNX install)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        yield 0, 1, device
+        return
+    from casd_core import distributed
+
+    with distributed.process_group(device) as rank:
+        yield rank.rank, rank.world_size, str(rank.device)
+
+
 def _run_predict(args: argparse.Namespace) -> int:
+    """Under torchrun the raster's rows are shared out over the ranks; rank 0 writes."""
     from casd_core.grid_outputs import check_requests, write_grid_outputs
-    from casd_core.inference import Predictor, classify_raster
+    from casd_core.inference import Predictor
+    from casd_core.inference.pipeline import classify_raster_across_ranks
 
     if args.output.exists() and not args.overwrite:
         raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")
@@ -177,14 +200,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.suggest is not None and (args.suggest < 1 or inference.smooth or args.dissolve):
         raise CasdError(f"{param('suggest')} needs a number of tiles (at least 1) and a layer of tiles, "
                         f"not of {param('smooth')} cells or {param('dissolve')} regions")
-    predictor = Predictor.from_package(args.model, inference.device)
-    bar = _ProgressBar(args.quiet)
-    try:
-        summary = classify_raster(args.raster, args.output, model=predictor, tiling=tiling,
-                                  inference=inference, fmt=args.format, dissolve=args.dissolve,
-                                  monitor=_monitor(args, bar), radiometry=radiometry)
-    finally:
-        bar.close()
+    with _ranks(inference.device) as (rank, _, device):
+        inference.device = device
+        predictor = Predictor.from_package(args.model, inference.device)
+        # Every rank plans the same raster and would say the same: rank 0 speaks for all.
+        bar = _ProgressBar(args.quiet or rank > 0)
+        monitor = _monitor(args, bar) if rank == 0 else None
+        try:
+            summary = classify_raster_across_ranks(args.raster, args.output, model=predictor, tiling=tiling,
+                                                   inference=inference, fmt=args.format, dissolve=args.dissolve,
+                                                   monitor=monitor, radiometry=radiometry)
+        finally:
+            bar.close()
+    if rank > 0:
+        return 0
     top = ", ".join(f"{name} {count}" for name, count in list(summary.class_counts.items())[:5])
     print(f"wrote {summary.output}: {summary.features} feature(s) from {summary.tiles} tile(s), "
           f"{summary.skipped_nodata} skipped as nodata ({summary.nodata_share:.0%}), "
@@ -209,17 +238,24 @@ def suggestions_path(output: Path) -> Path:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
+    """Under torchrun each rank classifies its share of the folder on its own device; rank 0
+    shows progress and prints the summary of all."""
     from casd_core.inference import classify_folder
 
     tiling, inference, radiometry = _tiling_from_args(args), _inference_from_args(args), _radiometry_from_args(args)
-    bar = _ProgressBar(args.quiet)
-    try:
-        summary = classify_folder(args.folder, args.output, model=args.model, tiling=tiling,
-                                  inference=inference, recursive=not args.no_recursive,
-                                  overwrite=args.overwrite, merged=args.merged, fmt=args.format,
-                                  monitor=_monitor(args, bar), dissolve=args.dissolve,
-                                  radiometry=radiometry)
-    finally:
-        bar.close()
+    with _ranks(inference.device) as (rank, ranks, device):
+        inference.device = device
+        bar = _ProgressBar(args.quiet or rank > 0)
+        who = f"rank {rank}: " if ranks > 1 else ""
+        try:
+            summary = classify_folder(args.folder, args.output, model=args.model, tiling=tiling,
+                                      inference=inference, recursive=not args.no_recursive,
+                                      overwrite=args.overwrite, merged=args.merged, fmt=args.format,
+                                      monitor=_monitor(args, bar, who), dissolve=args.dissolve,
+                                      radiometry=radiometry)
+        finally:
+            bar.close()
+    if rank > 0:
+        return 0
     print(summary.table(name_of_flag(args.parser)))
     return 1 if summary.failed else 0

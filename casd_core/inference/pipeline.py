@@ -15,21 +15,25 @@ classified, not yielded, counted in ``TileStream.skipped_nodata``.
 
 On CPU, :class:`~casd_core.runtime.ThreadTuner` falls back to one thread while another
 process wants the cores, where a spinning team of OpenMP threads runs 2-10x slower
-(docs/BENCHMARKS.md).
+(docs/BENCHMARKS.md). On CUDA, forked reader processes fill pinned slots instead of reader
+threads (``InferenceConfig.reader_processes``), and each batch is queued on the GPU before the
+previous one's result is awaited (:mod:`casd_core.inference.gpu_feed`). Under ``torchrun``,
+:func:`classify_raster_across_ranks` gives each rank a block of grid rows.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 from rasterio.env import get_gdal_config, set_gdal_config
 
 from casd_core import vectorio
@@ -38,10 +42,13 @@ from casd_core.inference.labels import CellAverager, Placed, TilePrediction, lab
 from casd_core.inference.predictor import Predictor
 from casd_core.inference.radiometry import RadiometryConfig
 from casd_core.inference.raster import RasterPlan, plan_raster
-from casd_core.inference.reader import TileReader
+from casd_core.inference.reader import ProcessTileReader, TileReader
 from casd_core.progress import Monitor
 from casd_core.runtime import ThreadTuner
 from casd_core.tiling import Tile, TileGrid, TilingConfig
+
+if TYPE_CHECKING:  # the torch Predictor's batches; the onnxruntime one uses numpy only
+    import torch
 
 
 @dataclass
@@ -50,8 +57,12 @@ class InferenceConfig:
 
     ``batch_size`` tiles per forward pass; ``device`` "auto", "cpu", "cuda", "cuda:1", "mps";
     ``workers`` background reader threads (0 reads in the calling thread, without overlap;
-    one is right almost always: every extra reader keeps its own dataset handle, and blocks
-    that two readers touch are decoded twice). ``tta`` averages the 8 flips/rotations of each
+    one is right almost always on CPU: every extra reader keeps its own dataset handle, and
+    blocks that two readers touch are decoded twice). ``reader_processes`` feeds the model
+    from that many forked reader processes instead of threads (what a GPU needs to stay
+    busy: see :mod:`casd_core.inference.gpu_feed`); ``None`` means, on CUDA, one per core
+    of this process's share of the node (torchrun: one process per GPU) but one, and threads
+    elsewhere; 0 always threads. ``tta`` averages the 8 flips/rotations of each
     tile (8x the cost); ``min_score`` makes tiles whose calibrated top probability is lower
     abstain ("uncertain"); ``smooth`` averages overlapping windows onto the cells their edges
     make (see :mod:`casd_core.inference.labels`).
@@ -60,6 +71,7 @@ class InferenceConfig:
     batch_size: int = 32
     device: str = "auto"
     workers: int = 1
+    reader_processes: int | None = None
     tta: bool = False
     min_score: float | None = None
     smooth: bool = False
@@ -69,13 +81,23 @@ class InferenceConfig:
             raise CasdError(f"{param('batch_size')} {self.batch_size} must be at least 1")
         if self.workers < 0:
             raise CasdError(f"{param('workers')} {self.workers} must be 0 or more")
+        if self.reader_processes is not None and self.reader_processes < 0:
+            raise CasdError(f"{param('reader_processes')} {self.reader_processes} must be 0 or more")
         if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
             raise CasdError(f"{param('min_score')} {self.min_score} must be a probability in [0, 1]")
 
 
-def _batches(grid: TileGrid, size: int) -> Iterator[list[Tile]]:
+def row_block(grid: TileGrid, rows: tuple[int, int]) -> tuple[Iterator[Tile], int]:
+    """The tiles of grid rows ``rows[0]`` to ``rows[1]`` (exclusive), numbered as in the whole
+    grid, and how many there are."""
+    first, stop = rows
+    part = dataclasses.replace(grid, row_offsets=grid.row_offsets[first:stop], _count=None)
+    return (dataclasses.replace(tile, row=tile.row + first) for tile in part), len(part)
+
+
+def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
     batch: list[Tile] = []
-    for tile in grid:
+    for tile in tiles:
         batch.append(tile)
         if len(batch) == size:
             yield batch
@@ -90,6 +112,7 @@ class _LoadedBatch:
     fractions: np.ndarray
     keep: np.ndarray  # indexes of the tiles to classify
     staged: np.ndarray | torch.Tensor | None
+    release: Callable[[], None] | None = None  # hands a reader process's slot back
 
 
 class TileStream:
@@ -98,16 +121,21 @@ class TileStream:
     Counters (``total`` windows; ``labelled`` features, of which ``uncertain`` abstained;
     ``skipped_nodata`` windows) are filled while iterating. A
     raster whose tiles are all skipped raises :class:`CasdError` at the end, having yielded
-    nothing.
+    nothing. ``rows`` (first, stop) streams only that block of grid rows (one rank's part of
+    a raster); then an all-nodata block is not an error, the whole raster decides.
     """
 
     def __init__(self, plan: RasterPlan, predictor: Predictor, inference: InferenceConfig,
-                 monitor: Monitor) -> None:
+                 monitor: Monitor, rows: tuple[int, int] | None = None) -> None:
         self.plan = plan
         self.predictor = predictor
         self.inference = inference
         self.monitor = monitor
-        self.total = len(plan.grid)
+        self.rows = rows
+        if rows is None:
+            self._tiles, self.total = iter(plan.grid), len(plan.grid)
+        else:
+            self._tiles, self.total = row_block(plan.grid, rows)
         self.labelled = 0
         self.uncertain = 0
         self.skipped_nodata = 0
@@ -125,21 +153,28 @@ class TileStream:
     def _load(self, reader: TileReader, tiles: list[Tile]) -> _LoadedBatch:
         """Read a batch, drop its nodata tiles and stage the rest (runs on a reader thread)."""
         raw, fractions = reader.read(tiles)
+        if self.plan.mapping is not None:
+            raw = self.plan.mapping.apply(raw, band_axis=1)
+        return self._staged(tiles, raw, fractions)
+
+    def _staged(self, tiles: list[Tile], values: np.ndarray, fractions: np.ndarray) -> _LoadedBatch:
+        """Drop a batch's nodata tiles and stage the rest (``values`` mapped already)."""
         keep = np.flatnonzero(fractions <= self.plan.nodata_threshold)
         staged = None
         if len(keep):
-            if self.plan.mapping is not None:
-                raw = self.plan.mapping.apply(raw, band_axis=1)
-            staged = self.predictor.stage(raw)
+            staged = self.predictor.stage(values)
             if len(keep) < len(tiles):
-                staged = staged[torch.from_numpy(keep)] if isinstance(staged, torch.Tensor) \
-                    else staged[keep]
+                staged = staged[keep]  # numpy indexes numpy arrays and torch tensors alike
         return _LoadedBatch(tiles, fractions, keep, staged)
 
     def _loaded_batches(self, reader: TileReader) -> Iterator[_LoadedBatch]:
         """Batches in grid order; with workers, read ahead by at most ``workers + 1``."""
         workers = self.inference.workers
-        batches = _batches(self.plan.grid, self.inference.batch_size)
+        batches = _batches(self._tiles, self.inference.batch_size)
+        processes = self._reader_processes()
+        if processes:
+            yield from self._process_batches(batches, processes)
+            return
         if workers == 0:
             for tiles in batches:
                 yield self._load(reader, tiles)
@@ -156,6 +191,75 @@ class TileStream:
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
 
+    def _reader_processes(self) -> int:
+        """How many reader processes feed the model (0: reader threads)."""
+        wanted = self.inference.reader_processes
+        if not ProcessTileReader.available():
+            return 0
+        if wanted is None:
+            if self.predictor.device.type != "cuda":
+                return 0
+            from casd_core.distributed import processes_per_node
+
+            # This process's share of the node's cores (torchrun: one process per GPU), less
+            # the one the model's own thread runs on.
+            return max(1, len(os.sched_getaffinity(0)) // processes_per_node() - 1)
+        return wanted
+
+    def _process_batches(self, batches: Iterator[list[Tile]], processes: int) -> Iterator[_LoadedBatch]:
+        """Batches read by forked processes into shared slots; on CUDA the slots are pinned."""
+        # Enough slots for every process to read one while two batches sit on the GPU.
+        reader = ProcessTileReader(self.plan, self.inference.batch_size, processes, processes + 3)
+        pinned = None
+        if self.predictor.device.type == "cuda":
+            from casd_core.inference.gpu_feed import PinnedSlots
+
+            pinned = PinnedSlots(reader.slots)
+        try:
+            for tiles, values, fractions, release in reader.batches(batches):
+                batch = self._staged(tiles, values, fractions)
+                batch.release = release
+                yield batch
+        finally:
+            if pinned is not None:
+                pinned.close()
+            reader.close()
+
+    def _predicted(self, batches: Iterator[_LoadedBatch], tuner: ThreadTuner
+                   ) -> Iterator[tuple[_LoadedBatch, Any]]:
+        """(batch, probabilities of its kept tiles or None) in order. On CUDA each batch is
+        queued before the previous one's result is awaited, so the GPU computes while the
+        CPU labels; elsewhere one batch at a time, timed for the thread tuner."""
+        launcher = None
+        if self.predictor.device.type == "cuda" and hasattr(self.predictor, "_logits"):
+            from casd_core.inference.gpu_feed import CudaLauncher
+
+            launcher = CudaLauncher(self.predictor, self.inference.tta)
+        in_flight: collections.deque = collections.deque()
+        for batch in batches:
+            if launcher is not None:
+                in_flight.append((batch, launcher.launch(batch.staged) if len(batch.keep) else None))
+                if len(in_flight) > 1:
+                    yield self._landed(launcher, *in_flight.popleft())
+                continue
+            probabilities = None
+            if len(batch.keep):
+                start = time.perf_counter()
+                probabilities = self.predictor.predict_staged(batch.staged, self.inference.tta)
+                tuner.record(len(batch.keep), time.perf_counter() - start)
+            if batch.release is not None:
+                batch.release()
+            yield batch, probabilities
+        while in_flight:
+            yield self._landed(launcher, *in_flight.popleft())
+
+    @staticmethod
+    def _landed(launcher: Any, batch: _LoadedBatch, launched: Any) -> tuple[_LoadedBatch, Any]:
+        probabilities = launcher.result(launched) if launched is not None else None
+        if batch.release is not None:  # its copy to the GPU is over
+            batch.release()
+        return batch, probabilities
+
     def _run(self) -> Iterator[TilePrediction]:
         plan, predictor, monitor, inference = self.plan, self.predictor, self.monitor, self.inference
         reader = TileReader(plan)
@@ -169,29 +273,26 @@ class TileStream:
         set_gdal_config("GDAL_CACHEMAX", plan.cache_bytes)
         tuner = ThreadTuner(enabled=predictor.device.type == "cpu")
         try:
-            for batch in self._loaded_batches(reader):
+            for batch, probs in self._predicted(self._loaded_batches(reader), tuner):
                 monitor.check_cancelled()
                 tiles, fractions, keep = batch.tiles, batch.fractions, batch.keep
                 self.skipped_nodata += len(tiles) - len(keep)
                 if len(keep):
-                    start = time.perf_counter()
-                    probs = predictor.predict_staged(batch.staged, inference.tta)
-                    tuner.record(len(keep), time.perf_counter() - start)
                     if averager is None:
                         places = [Placed(tiles[i].polygon, tiles[i].row, tiles[i].col, tiles[i].window,
                                          float(fractions[i])) for i in keep]
                         yield from self._labelled(probs, places)
                     else:
                         for j, i in enumerate(keep):
-                            for cells, places in averager.add(tiles[i], probs[j].numpy(), float(fractions[i])):
-                                yield from self._labelled(torch.from_numpy(cells), places)
+                            for cells, places in averager.add(tiles[i], np.asarray(probs[j]), float(fractions[i])):
+                                yield from self._labelled(cells, places)
                 done += len(tiles)
                 monitor.report("tiles", done, self.total,
                                rate=done / max(time.perf_counter() - began, 1e-9))
             if averager is not None:
                 for cells, places in averager.finish():
-                    yield from self._labelled(torch.from_numpy(cells), places)
-            if self.labelled == 0:
+                    yield from self._labelled(cells, places)
+            if self.labelled == 0 and self.rows is None:
                 raise CasdError(
                     f"every tile of {plan.name} has more than {plan.nodata_threshold:.0%} nodata, so "
                     f"nothing was labelled; check the nodata value or raise {param('nodata_threshold')}")
@@ -201,8 +302,8 @@ class TileStream:
             if isinstance(previous_cache, int):
                 set_gdal_config("GDAL_CACHEMAX", previous_cache)
 
-    def _labelled(self, probabilities: torch.Tensor, places: list[Placed]) -> list[TilePrediction]:
-        predictions = label(probabilities.float(), places, self.predictor.class_names,
+    def _labelled(self, probabilities: "np.ndarray | torch.Tensor", places: list[Placed]) -> list[TilePrediction]:
+        predictions = label(probabilities, places, self.predictor.class_names,
                             self.predictor.name, self.inference.min_score)
         self.labelled += len(predictions)
         self.uncertain += sum(1 for p in predictions if p.class_id is None)
@@ -213,10 +314,12 @@ def iter_tile_predictions(raster_path: str | os.PathLike, predictor: Predictor,
                           tiling: TilingConfig | None = None,
                           inference: InferenceConfig | None = None,
                           monitor: Monitor | None = None,
-                          radiometry: RadiometryConfig | None = None) -> TileStream:
+                          radiometry: RadiometryConfig | None = None,
+                          part: tuple[int, int] | None = None) -> TileStream:
     """Validate the raster and settings now (raising :class:`CasdError`), then stream
     predictions tile by tile, reading in the background while the model runs. A value
-    mapping chosen for the raster is announced through ``monitor.warn``."""
+    mapping chosen for the raster is announced through ``monitor.warn``. ``part`` (index,
+    count): only the index-th of ``count`` blocks of whole grid rows, as even as rows allow."""
     tiling = tiling or TilingConfig()
     inference = inference or InferenceConfig()
     inference.validate()
@@ -228,7 +331,12 @@ def iter_tile_predictions(raster_path: str | os.PathLike, predictor: Predictor,
     if plan.mapping is not None:
         monitor.warn(f"{plan.name}: its values do not fit the model's, so they are mapped: "
                      f"{plan.mapping.description} (set {param('stretch')} to none to feed them raw)")
-    return TileStream(plan, predictor, inference, monitor)
+    rows = None
+    if part is not None:
+        index, count = part
+        edges = np.linspace(0, plan.grid.shape[0], count + 1).round().astype(int)
+        rows = (int(edges[index]), int(edges[index + 1]))
+    return TileStream(plan, predictor, inference, monitor, rows)
 
 
 def describe_values(plan: RasterPlan) -> dict[str, str]:
@@ -323,3 +431,93 @@ def classify_raster(raster: str | os.PathLike, output: str | os.PathLike, model:
                          class_counts=dict(counting.counts.most_common()),
                          uncertain=stream.uncertain, values=values, plan=stream.plan)
 
+
+
+def active_process_group() -> Any:
+    """:mod:`casd_core.distributed` while a process group of several ranks is active, else
+    ``None``; torch is not imported for the answer (the onnxruntime install has none)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from casd_core import distributed
+
+    return distributed if distributed.is_distributed() else None
+
+
+def classify_raster_across_ranks(raster: str | os.PathLike, output: str | os.PathLike, model: Any = None,
+                                 tiling: TilingConfig | None = None,
+                                 inference: InferenceConfig | None = None, fmt: str | None = None,
+                                 dissolve: bool = False, monitor: Monitor | None = None,
+                                 radiometry: RadiometryConfig | None = None) -> RasterSummary:
+    """:func:`classify_raster` with the raster's grid rows shared out over the ranks of the
+    active process group (``torchrun``; without one it is :func:`classify_raster`).
+
+    Every rank calls it with the same arguments and plans the whole raster alike (the same
+    grid, bands, value mapping); each classifies one block of rows on its own device and
+    sends its features, as compact columns, to rank 0, which writes them in grid order
+    through the same writer: the file one process writes. Rank 0 returns the whole summary,
+    the others that of their block (``output`` not written by them).
+    """
+    distributed = active_process_group()
+    if distributed is None:
+        return classify_raster(raster, output, model, tiling, inference, fmt, dissolve, monitor, radiometry)
+    tiling = tiling or TilingConfig()
+    inference = inference or InferenceConfig()
+    inference.validate()
+    tiling.validate()
+    if inference.smooth:
+        raise CasdError(f"{param('smooth')} averages windows across the row blocks the ranks share, so "
+                        "it cannot be split; run it in one process (without torchrun)")
+    output = Path(output)
+    key = vectorio.resolve_format(output, fmt)
+    predictor = predictor_for(model, inference.device)
+    start = time.perf_counter()
+    rank, ranks = distributed.rank(), distributed.world_size()
+    with distributed.patient_group() as group:
+        stream = iter_tile_predictions(raster, predictor, tiling, inference, monitor, radiometry,
+                                       part=(rank, ranks))
+        if rank == 0:
+            vectorio.check_writable(output)
+        counting = _Counting(stream)
+        columns = vectorio.FeatureColumns(vectorio.OUTPUT_FIELDS)
+        try:
+            for prediction in counting:
+                columns.append(prediction.geometry,
+                               {name: getattr(prediction, name) for name, _ in vectorio.OUTPUT_FIELDS})
+        finally:
+            stream.close()
+        counts = (stream.total, stream.labelled, stream.skipped_nodata, stream.uncertain, counting.counts)
+        parts = distributed.gather_object_on(group, (columns, counts))
+    values = describe_values(stream.plan)
+    if parts is None:  # not rank 0: this rank's block, written by rank 0
+        return RasterSummary(raster=Path(raster), output=output, tiles=stream.total, labelled=stream.labelled,
+                             skipped_nodata=stream.skipped_nodata, features=len(columns),
+                             seconds=time.perf_counter() - start, class_counts=dict(counting.counts),
+                             uncertain=stream.uncertain, values=values, plan=stream.plan)
+    whole = _concatenate([c for c, _ in parts])
+    tiles, labelled, skipped, uncertain = (sum(n[k] for _, n in parts) for k in range(4))
+    classes: collections.Counter = sum((n[4] for _, n in parts), collections.Counter())
+    if labelled == 0:
+        raise CasdError(
+            f"every tile of {stream.plan.name} has more than {stream.plan.nodata_threshold:.0%} nodata, so "
+            f"nothing was labelled; check the nodata value or raise {param('nodata_threshold')}")
+    geometry_type = "Polygon"
+    if dissolve:  # as vectorio.write_predictions does it, on the whole raster's columns
+        whole, geometry_type = vectorio.dissolve_columns(whole), "MultiPolygon"
+    vectorio.write_layer(whole, output, stream.plan.crs, key, predictor.package, geometry_type, values)
+    return RasterSummary(raster=Path(raster), output=output, tiles=tiles, labelled=labelled,
+                         skipped_nodata=skipped, features=len(whole), seconds=time.perf_counter() - start,
+                         class_counts=dict(classes.most_common()), uncertain=uncertain, values=values,
+                         plan=stream.plan)
+
+
+def _concatenate(parts: list[vectorio.FeatureColumns]) -> vectorio.FeatureColumns:
+    """Column buffers one after the other, as if filled in one go."""
+    whole = vectorio.FeatureColumns(parts[0].fields)
+    for part in parts:
+        offset = len(whole)
+        for name, rows in part.null_rows.items():
+            whole.null_rows.setdefault(name, []).extend(r + offset for r in rows)
+        whole.geometry.extend(part.geometry)
+        for name in whole.values:
+            whole.values[name].extend(part.values[name])
+    return whole
