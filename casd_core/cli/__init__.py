@@ -2,7 +2,8 @@
 
 Defaults come from the core's config dataclasses (one place); an option's ``dest`` is the
 config field it sets, so a core error about a setting (``param("tile_size")``) is shown
-with the flag the user typed (``--tile-size``).
+with the flag the user typed (``--tile-size``). Without torch (the light install) the
+training commands are stubs that say what to install; predict, batch and export need no torch.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from casd_core.backend import require_torch, torch_available
 from casd_core.cli.chips import add_chips_parser
-from casd_core.cli.common import name_of_flag
+from casd_core.cli.common import add_command, name_of_flag
+from casd_core.cli.export import add_export_parser
 from casd_core.cli.predict import add_batch_parser, add_predict_parser
-from casd_core.cli.training import (add_calibrate_parser, add_evaluate_parser, add_experiment_parser,
-                                    add_train_parser)
 from casd_core.errors import CasdError
+
+TORCH_COMMANDS = ("train", "evaluate", "calibrate", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +27,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remote-sensing scene classification with Class-Aware Self-Distillation.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_parser(subparsers)
-    add_evaluate_parser(subparsers)
-    add_calibrate_parser(subparsers)
-    add_experiment_parser(subparsers)
+    if torch_available():
+        from casd_core.cli.training import (add_calibrate_parser, add_evaluate_parser, add_experiment_parser,
+                                            add_train_parser)
+
+        add_train_parser(subparsers)
+        add_evaluate_parser(subparsers)
+        add_calibrate_parser(subparsers)
+        add_experiment_parser(subparsers)
+    else:
+        for name in TORCH_COMMANDS:
+            _add_torch_only_parser(subparsers, name)
     add_predict_parser(subparsers)
     add_batch_parser(subparsers)
     add_chips_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
+
+
+def _add_torch_only_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
+    """A command that needs PyTorch, in a Python without it: any arguments, one clear error."""
+    def run(args: argparse.Namespace) -> int:
+        require_torch(f"casd {name}")
+        return 2
+
+    p = add_command(subparsers, name, run, "(needs PyTorch, not installed here)",
+                    f"casd {name} needs PyTorch; this is the light install (onnxruntime only).")
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import torch
 from rasterio.windows import Window
 from shapely.geometry import Polygon
 
@@ -61,13 +60,18 @@ class Placed:
     nodata_fraction: float
 
 
-def label(probabilities: torch.Tensor, places: list[Placed], class_names: list[str], model: str,
+def label(probabilities: np.ndarray, places: list[Placed], class_names: list[str], model: str,
           min_score: float | None = None) -> list[TilePrediction]:
-    """Features for a batch of probability vectors (N, K), vectorised over the batch."""
+    """Features for a batch of probability vectors (N, K), vectorised over the batch.
+
+    ``probabilities``: anything numpy reads as an array (a CPU torch tensor too), so both model
+    runtimes feed it."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
     k = min(3, len(class_names))
     log_k = math.log(len(class_names)) if len(class_names) > 1 else 1.0
-    top_p, top_i = torch.topk(probabilities, k, dim=1)
-    entropy = (-(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(1) / log_k).tolist()
+    top_i = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    top_p = np.take_along_axis(probabilities, top_i, axis=1)
+    entropy = (-(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(1) / log_k).tolist()
     top_p, top_i = top_p.tolist(), top_i.tolist()
     out = []
     for j, place in enumerate(places):

@@ -19,7 +19,7 @@ from ..deps import qgis_python
 from ..icons import ICON_SVG
 
 DEVICES = ("auto", "cpu", "cuda")
-MODEL_FILTER = "CASD model package (*.safetensors)"
+MODEL_FILTER = "CASD model (*.safetensors *.onnx)"
 
 
 class CasdAlgorithm(QgsProcessingAlgorithm):
