@@ -27,7 +27,11 @@ class CasdProvider(QgsProcessingProvider):
         return ICON_SVG
 
     def loadAlgorithms(self) -> None:
-        from .algorithms import ALGORITHMS
+        from casd_core.backend import torch_available
+
+        from .algorithms import ALGORITHMS, TORCH_ONLY
 
         for algorithm in ALGORITHMS:
+            if algorithm in TORCH_ONLY and not torch_available():
+                continue
             self.addAlgorithm(algorithm())

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.qgis
 
 REPO = Path(__file__).resolve().parents[2]
 
-ALGORITHM_IDS = ("casd:classifyraster", "casd:classifyfolder", "casd:makechips", "casd:train", "casd:evaluate")
+ALGORITHM_IDS = ("casd:classifyraster", "casd:classifyfolder", "casd:makechips", "casd:train", "casd:evaluate",
+                 "casd:trainfrompolygons", "casd:exportonnx")
 
 
 def _flush_deferred_deletes() -> None:
