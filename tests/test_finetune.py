@@ -276,9 +276,10 @@ def test_kill_9_mid_unfrozen_epoch_then_rerun_resumes(maps: dict) -> None:
     shipped = ModelPackage.load(default_model_path()).state_dict
     last = torch.load(out / "checkpoint.pt", weights_only=True)
     assert last["epoch"] == 1
-    name = "backbone._blocks.3._bn1.running_mean"
-    assert torch.equal(after_epoch_1[name], shipped[name])  # frozen epoch 1: statistics untouched
-    assert not torch.equal(last["model"][name], shipped[name])  # the resumed epoch 2 trained the backbone
+    weight, statistics = "backbone._blocks.3._depthwise_conv.weight", "backbone._blocks.3._bn1.running_mean"
+    assert torch.equal(after_epoch_1[weight], shipped[weight])  # frozen epoch 1: backbone untouched
+    assert not torch.equal(last["model"][weight], shipped[weight])  # the resumed epoch 2 trained the backbone
+    assert torch.equal(last["model"][statistics], shipped[statistics])  # with the package's batch-norm statistics
 
 
 def test_a_changed_init_model_is_not_resumed(maps: dict, tmp_path: Path) -> None:
