@@ -107,7 +107,9 @@ class ThreadTuner:
 
     def __init__(self, enabled: bool = True, period: int = 48, probe: int = 3) -> None:
         self.enabled = enabled
-        self.full = _torch().get_num_threads() if enabled else 1
+        # Disabled, it reports torch's team where torch is loaded anyway (the torch path), else 1.
+        torch = _torch() if enabled else sys.modules.get("torch")
+        self.full = torch.get_num_threads() if torch is not None else 1
         self.options = [self.full, 1] if enabled and self.full > 1 else [self.full]
         self.period, self.probe = period, probe
         self.rates: dict[int, float] = {}
