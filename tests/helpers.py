@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import rasterio
@@ -90,3 +91,29 @@ def run_qgis_script(script: str, tmp_path: Path, python: Path | None = None) -> 
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, done.stderr[-2000:]
     return [json.loads(line[len("RESULT"):]) for line in lines]
+
+
+def plugin_script(tmp_path: Path, body: str) -> str:
+    """A headless-QGIS script for :func:`run_qgis_script`: QGIS and Processing started, this
+    repository loaded as the plugin ``casd_scene_classifier`` (``plugin``, its provider
+    registered), then ``body`` (dedented), then QGIS closed."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    link = plugins / "casd_scene_classifier"
+    if not link.exists():
+        link.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+    prelude = textwrap.dedent(f"""\
+        import gc, json, os, sys
+        from qgis.core import QgsApplication
+        app = QgsApplication([], False)
+        app.initQgis()
+        sys.path.append(os.path.join(QgsApplication.pkgDataPath(), "python", "plugins"))
+        from processing.core.Processing import Processing
+        Processing.initialize()
+        import processing
+        sys.path.insert(0, {str(plugins)!r})
+        import casd_scene_classifier
+        plugin = casd_scene_classifier.classFactory(None)
+        plugin.initProcessing()
+    """)
+    return prelude + textwrap.dedent(body) + "gc.collect()\napp.exitQgis()\n"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,8 @@ from casd_core.inference.onnx_backend import OrtPredictor
 from casd_core.onnx.quantize import CalibrationConfig, calibration_batches
 from casd_core.package import ModelPackage
 from casd_core.tiling import TilingConfig
-from helpers import NAIP, build_test_package, derive_raster, run_qgis_script, small_split
+from helpers import NAIP, build_test_package, derive_raster, plugin_script, run_qgis_script, small_split
 
-REPO = Path(__file__).resolve().parent.parent
 
 # max |p_onnx - p_torch| for an fp32 export (measured ~2e-6 on these rasters)
 PROBABILITY_TOLERANCE = 1e-4
@@ -208,28 +206,11 @@ def test_files_that_are_not_casd_onnx_models_are_refused(tmp_path) -> None:
 
 def test_processing_algorithm_exports(package_path, tmp_path) -> None:
     """``casd:exportonnx`` in headless QGIS writes the same self-describing file as the CLI."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "casd_scene_classifier").symlink_to(REPO, target_is_directory=True)
     out = tmp_path / "plugin.onnx"
-    script = textwrap.dedent(f"""
-        import gc, json, os, sys
-        from qgis.core import QgsApplication
-        app = QgsApplication([], False)
-        app.initQgis()
-        sys.path.append(os.path.join(QgsApplication.pkgDataPath(), "python", "plugins"))
-        from processing.core.Processing import Processing
-        Processing.initialize()
-        import processing
-        sys.path.insert(0, {str(plugins)!r})
-        import casd_scene_classifier
-        plugin = casd_scene_classifier.classFactory(None)
-        plugin.initProcessing()
+    script = plugin_script(tmp_path, f"""
         result = processing.run("casd:exportonnx", {{"MODEL": {str(package_path)!r}, "OUTPUT": {str(out)!r}}})
         print("RESULT" + json.dumps({{"output": result["OUTPUT"]}}))
         del result
-        gc.collect()
-        app.exitQgis()
     """)
     (result,) = run_qgis_script(script, tmp_path)
     assert result["output"] == str(out)

@@ -6,7 +6,6 @@ plugin's ``casd:classifyraster`` in headless QGIS, exactly as the torch path lab
 from __future__ import annotations
 
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from casd_core.inference import classify_raster
 from casd_core.package import default_model_path
 from casd_core.vectorio import read_layer
-from helpers import run_qgis_script
+from helpers import plugin_script, run_qgis_script
 
 REPO = Path(__file__).resolve().parent.parent
 LIGHT = REPO / ".venv-light" / "bin"
@@ -55,23 +54,8 @@ def test_casd_predict_in_the_light_install_labels_like_torch(light_python, raste
 
 
 def test_plugin_classifies_in_qgis_without_torch(light_python, rasters, torch_labels, tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "casd_scene_classifier").symlink_to(REPO, target_is_directory=True)
     out = tmp_path / "plugin.gpkg"
-    script = textwrap.dedent(f"""
-        import gc, json, os, sys
-        from qgis.core import QgsApplication
-        app = QgsApplication([], False)
-        app.initQgis()
-        sys.path.append(os.path.join(QgsApplication.pkgDataPath(), "python", "plugins"))
-        from processing.core.Processing import Processing
-        Processing.initialize()
-        import processing
-        sys.path.insert(0, {str(plugins)!r})
-        import casd_scene_classifier
-        plugin = casd_scene_classifier.classFactory(None)
-        plugin.initProcessing()
+    script = plugin_script(tmp_path, f"""
         provider = QgsApplication.processingRegistry().providerById("casd")
         ids = sorted(a.id() for a in provider.algorithms()) if provider else []
         # no MODEL: the embedded default, which without torch is its ONNX export
@@ -80,8 +64,6 @@ def test_plugin_classifies_in_qgis_without_torch(light_python, rasters, torch_la
         print("RESULT" + json.dumps({{"ids": ids, "missing": plugin.missing, "tiles": result["TILE_COUNT"],
                                       "torch": "torch" in sys.modules}}))
         del provider, result
-        gc.collect()
-        app.exitQgis()
     """)
     (result,) = run_qgis_script(script, tmp_path, python=light_python)
     assert result["missing"] == [] and not result["torch"]
