@@ -7,8 +7,8 @@ the ONNX predictor refuses other tile sizes, see :mod:`casd_core.inference.onnx_
 model code's TF-style "same" padding is Python arithmetic on the input's shape, which tracing
 bakes in, so one graph cannot serve every size.) Traced at a fixed batch and constant-folded
 by onnxruntime's basic (standard-op) optimiser, that padding becomes constant pads, leaving
-~110 plain nodes (Conv, Clip, Pad, Add, pooling, Gemm, Softmax), the graph int8 quantization
-works best on; the batch is then made dynamic again (the one Reshape keeps the input's batch). Normalisation stays outside the graph (the reader thread does
+~110 plain nodes (Conv, Clip, Pad, Add, pooling, Gemm, Softmax); each Pad then goes into
+its Conv's own padding, leaving ~95, the graph int8 quantization works best on; the batch is then made dynamic again (the one Reshape keeps the input's batch). Normalisation stays outside the graph (the reader thread does
 it, see :mod:`casd_core.inference.onnx_backend`). ``half`` stores the weights as float16 with a
 Cast in front of each (onnxruntime folds them back to float32 at load: fp32 speed, half the
 file; the bundled default model uses it, its weights are already fp16 in the package). ``int8``
@@ -107,6 +107,7 @@ def _folded_dynamic(traced: bytes) -> Any:
         onnxruntime.InferenceSession(traced, options, providers=["CPUExecutionProvider"])
         model = onnx.load(options.optimized_model_filepath)
     drop_unused_opsets(model)
+    _fold_pads_into_convs(model)
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] in initializers:
@@ -119,6 +120,54 @@ def _folded_dynamic(traced: bytes) -> Any:
     for value in list(model.graph.input) + list(model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     return model
+
+
+def _fold_pads_into_convs(model: Any) -> None:
+    """Each zero Pad that feeds one Conv only becomes that Conv's own (asymmetric) ``pads``.
+
+    The folded "same" padding leaves 17 Pad nodes in front of the strided convs; left alone
+    they took ~half of onnxruntime's time (a layout reorder around each fp32 Pad; an int8
+    dequantize-pad-quantize round trip around each quantized one), docs/BENCHMARKS.md."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+    folded = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or pad.output[0] in outputs or len(consumers.get(pad.output[0], [])) != 1:
+            continue
+        conv = consumers[pad.output[0]][0]
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        amounts = initializers.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = initializers.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+        if (conv.op_type != "Conv" or conv.input[0] != pad.output[0] or mode != b"constant" or amounts is None
+                or (len(pad.input) > 2 and pad.input[2] and (value is None or numpy_helper.to_array(value).any()))
+                or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute)):
+            continue
+        widths = numpy_helper.to_array(amounts).astype(np.int64)
+        rank = len(widths) // 2
+        begin, end = widths[:rank], widths[rank:]
+        if rank != 4 or begin[:2].any() or end[:2].any() or (widths < 0).any():
+            continue  # padding the batch or channels, or cropping: not a conv's padding
+        attributes = {a.name: a for a in conv.attribute}
+        old = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+        pads = [old[0] + begin[2], old[1] + begin[3], old[2] + end[2], old[3] + end[3]]
+        kept = [a for a in conv.attribute if a.name != "pads"]
+        del conv.attribute[:]
+        conv.attribute.extend(kept + [helper.make_attribute("pads", [int(v) for v in pads])])
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    unused = [tensor for tensor in graph.initializer if tensor.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
 
 
 class _Probabilities:
