@@ -58,17 +58,16 @@ def scaled_copies(original, tmp_path_factory) -> dict[str, Path]:
             "float 0-1": copy_with(original, folder / "f01.tif", lambda d: d.astype(np.float32) / 255)}
 
 
-@pytest.fixture(scope="module")
-def padded(original, tmp_path_factory) -> tuple[Path, shapely.Polygon]:
-    """``test_tiled.tif`` warped with a 20° rotation onto a north-up grid: black corners, no
-    nodata flag (as a reprojected orthophoto often is). Also returns the image's footprint."""
-    out = tmp_path_factory.mktemp("padded") / "rotated.tif"
+def rotated_copy(original: Path, out: Path, upsample: int = 1, jpeg: bool = False) -> tuple[Path, shapely.Polygon]:
+    """``original`` warped with a 20° rotation onto a north-up grid (``upsample`` times finer):
+    black corners, no nodata flag (as a reprojected orthophoto often is), written with deflate
+    or as a tiled YCbCr JPEG. Also returns the image's footprint."""
     with rasterio.open(original) as ds:
         data, profile, t = ds.read(), ds.profile, ds.transform
         cx, cy = t * (ds.width / 2, ds.height / 2)
         rotation = Affine.translation(cx, cy) * Affine.rotation(20) * Affine.translation(-cx, -cy)
-        size = 1300
-        grid = Affine.translation(cx - size / 2 * t.a, cy + size / 2 * t.a) * Affine.scale(t.a, -t.a)
+        size, pixel = 1300 * upsample, t.a / upsample
+        grid = Affine.translation(cx - size / 2 * pixel, cy + size / 2 * pixel) * Affine.scale(pixel, -pixel)
         warped = np.zeros((3, size, size), dtype=np.uint8)
         reproject(data, warped, src_transform=rotation * t, src_crs=ds.crs, dst_transform=grid,
                   dst_crs=ds.crs, resampling=Resampling.bilinear)
@@ -76,9 +75,17 @@ def padded(original, tmp_path_factory) -> tuple[Path, shapely.Polygon]:
     for key in ("photometric", "jpeg_quality", "nodata"):
         profile.pop(key, None)
     profile.update(width=size, height=size, transform=grid, compress="deflate")
+    if jpeg:
+        profile.update(compress="jpeg", photometric="ycbcr", jpeg_quality=90, tiled=True,
+                       blockxsize=256, blockysize=256)
     with rasterio.open(out, "w", **profile) as dst:
         dst.write(warped)
     return out, shapely.Polygon(corners)
+
+
+@pytest.fixture(scope="module")
+def padded(original, tmp_path_factory) -> tuple[Path, shapely.Polygon]:
+    return rotated_copy(original, tmp_path_factory.mktemp("padded") / "rotated.tif")
 
 
 def read_layer(path: Path) -> dict:
@@ -165,6 +172,22 @@ def test_black_padding_without_nodata_flag_gets_no_label(model, padded, tmp_path
             assert with_padding[key] == without[key]
     assert sum(share > 0.99 for share in inside.values()) >= 4
     assert auto.values["casd_padding"].startswith(("3", "4"))  # ~40 % of the grid is padding
+
+
+def test_a_big_jpeg_orthophoto_is_planned_from_gdals_implicit_overviews(model, original, tmp_path):
+    """Past SAMPLE_PIXELS the plan samples a decimated read; on a JPEG GeoTIFF without
+    overviews that is GDAL's DCT-scaled decoding (8x8 block means, ~5x cheaper than decoding
+    every pixel: docs/BENCHMARKS.md), which must find the padding and the (absent) mapping that
+    exact pixel samples of the same raster find."""
+    raster, _ = rotated_copy(original, tmp_path / "big.tif", upsample=2, jpeg=True)
+    with rasterio.open(raster) as ds:
+        assert ds.width * ds.height > 4 * (1 << 20) and ds.overviews(1) == []
+    fast = plan_raster(raster, model.package, TILES_60M)
+    exact = plan_raster(raster, model.package, TILES_60M, RadiometryConfig(stretch="percentile"))
+    assert fast.mapping is None and exact.mapping is not None  # the explicit stretch still applies
+    assert fast.padding is not None and exact.padding is not None
+    assert abs(fast.padding.fraction - exact.padding.fraction) < 0.01
+    assert 0.3 < fast.padding.fraction < 0.5
 
 
 def test_a_raster_with_a_nodata_flag_is_not_searched_for_padding(model, rasters):

@@ -172,7 +172,13 @@ def _plan_values(dataset: Any, plan: RasterPlan, package: ModelPackage,
     """Padding, value mapping and nodata fill of ``plan``, from one decimated read."""
     step = max(1.0, math.sqrt(dataset.width * dataset.height / SAMPLE_PIXELS))
     shape = (max(1, round(dataset.height / step)), max(1, round(dataset.width / step)))
-    data = dataset.read(plan.bands, out_shape=(len(plan.bands), *shape), resampling=Resampling.nearest)
+    # Without overviews, a JPEG-compressed GeoTIFF (the usual orthophoto) is decoded in full
+    # to be sampled, which costs as much as classifying it on int8 (docs/BENCHMARKS.md). GDAL's
+    # implicit JPEG overviews (DCT-scaled decoding: 8x8 block means) give the padding and auto
+    # decisions the same picture ~5x cheaper; explicit stretches keep exact pixel values.
+    implicit = radiometry.value_range is None and radiometry.stretch in ("auto", "none")
+    with rasterio.Env(GTIFF_IMPLICIT_JPEG_OVR=implicit):
+        data = dataset.read(plan.bands, out_shape=(len(plan.bands), *shape), resampling=Resampling.nearest)
     masks = (dataset.read_masks(plan.bands[0], out_shape=shape, resampling=Resampling.nearest)
              if plan.mask_mode == "mask" else None)
     invalid = nodata_mask(data, plan, masks)
