@@ -24,13 +24,17 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from casd_core.errors import CasdError, param
 from casd_core.progress import Monitor
+
+if TYPE_CHECKING:
+    from casd_core.data import TrainingRows
+    from casd_core.package import ModelPackage
 
 ECE_BINS = 15  # Guo et al. 2017 report ECE with 15 bins
 _LOG_T_RANGE = (-5.0, 5.0)  # T in [0.0067, 148]: beyond that the data say "T -> 0 or inf"
@@ -147,26 +151,13 @@ def fit_on_validation(model: torch.nn.Module, dataset: Any, device: torch.device
     return temperature, calibration_scores(out.logits, out.labels, temperature)
 
 
-def calibrate_package(package_path: str | os.PathLike, data_root: str | os.PathLike,
-                      split_csv: str | os.PathLike | None, out_path: str | os.PathLike,
-                      batch_size: int = 64, device: str = "auto",
-                      monitor: Monitor | None = None) -> dict[str, Any]:
-    """Re-package a trained model with a temperature and pixel statistics (``casd calibrate``).
+def replayed_rows(package: "ModelPackage", package_path: str | os.PathLike, data_root: str | os.PathLike,
+                  split_csv: str | os.PathLike | None) -> "TrainingRows":
+    """The train/validation/test rows ``package``'s training used, carved again from its
+    recorded ``val_fraction``, ``subset_per_class`` and seed: ``val_seed`` when the run fixed
+    one, else ``seed`` (a package from before ``val_seed`` existed records none)."""
+    from casd_core.data import training_rows
 
-    The validation rows are carved exactly as the package's training carved them (its
-    recorded ``seed``, ``val_fraction`` and ``subset_per_class``, through
-    :func:`casd_core.data.training_rows`): T is fitted on them only, never on a test row, and
-    the pixel statistics come from the training rows. The weights are untouched, so every
-    label (and the accuracy) is unchanged, which is checked on the test rows, where the ECE
-    before and after is measured. ``out_path`` may be ``package_path`` (written atomically).
-    Returns a report: ``temperature``, ``validation`` and ``test`` scores, ``pixel_stats``.
-    """
-    from casd_core.data import SceneDataset, build_transforms, pixel_statistics, training_rows
-    from casd_core.evaluate import predict_outputs
-    from casd_core.package import ModelPackage
-    from casd_core.runtime import prepare_cpu, resolve_device
-
-    package = ModelPackage.load(package_path)
     training = package.training
     if "seed" not in training or "val_fraction" not in training:
         raise CasdError(f"{package_path} does not record the seed and validation share of its training, "
@@ -174,9 +165,34 @@ def calibrate_package(package_path: str | os.PathLike, data_root: str | os.PathL
     if not training["val_fraction"]:
         raise CasdError(f"{package_path} was trained without validation rows (val_fraction 0): there are "
                         "no held-out rows to fit a temperature on")
+    data_seed = training["seed"] if training.get("val_seed") is None else training["val_seed"]
+    return training_rows(Path(data_root), Path(split_csv) if split_csv else None, training["val_fraction"],
+                         data_seed, training.get("subset_per_class"))
+
+
+def calibrate_package(package_path: str | os.PathLike, data_root: str | os.PathLike,
+                      split_csv: str | os.PathLike | None, out_path: str | os.PathLike,
+                      batch_size: int = 64, device: str = "auto",
+                      monitor: Monitor | None = None) -> dict[str, Any]:
+    """Re-package a trained model with a temperature and pixel statistics (``casd calibrate``).
+
+    The validation rows are carved exactly as the package's training carved them (its
+    recorded ``val_seed`` or else ``seed``, ``val_fraction`` and ``subset_per_class``, through
+    :func:`casd_core.data.training_rows`): T is fitted on them only, never on a test row, and
+    the pixel statistics come from the training rows. The weights are untouched, so every
+    label (and the accuracy) is unchanged, which is checked on the test rows, where the ECE
+    before and after is measured. ``out_path`` may be ``package_path`` (written atomically).
+    Returns a report: ``temperature``, ``validation`` and ``test`` scores, ``pixel_stats``.
+    """
+    from casd_core.data import SceneDataset, build_transforms, pixel_statistics
+    from casd_core.evaluate import predict_outputs
+    from casd_core.package import ModelPackage
+    from casd_core.runtime import prepare_cpu, resolve_device
+
+    package = ModelPackage.load(package_path)
+    training = package.training
     split_csv = Path(split_csv) if split_csv else None
-    rows = training_rows(Path(data_root), split_csv, training["val_fraction"], training["seed"],
-                         training.get("subset_per_class"))
+    rows = replayed_rows(package, package_path, data_root, split_csv)
     recorded_val = package.metrics.get("validation", {}).get("num_samples")
     if rows.class_names != package.class_names or recorded_val not in (None, len(rows.val)):
         raise CasdError(f"{param('split_csv')} {split_csv} is not the split this model was trained on "

@@ -305,12 +305,12 @@ class SceneDataset(Dataset):
 class RunData:
     """The datasets of one training run (``cfg``: a :class:`~casd_core.train.TrainConfig`):
     ``train`` (augmented; ``train_unaugmented`` as evaluation sees images), ``val`` and ``test``
-    (:func:`training_rows`), their ``class_names``,
+    (:func:`training_rows`, drawn with ``cfg.data_seed``), their ``class_names``,
     the ``bands`` the first training image has (RGB photos, multi-band chips), the
     ``value_scale`` and the per-band ``mean``/``std``, ``normalization(number of bands)``."""
 
     def __init__(self, cfg: Any, normalization: Callable[[int], tuple[list[float], list[float]]]) -> None:
-        rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.seed, cfg.subset_per_class)
+        rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.data_seed, cfg.subset_per_class)
         self.class_names = rows.class_names
         first = rows.train[0].path
         self.bands = band_names(first, cfg.bands)

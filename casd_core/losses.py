@@ -1,8 +1,9 @@
 """Training losses: plain cross-entropy, CS-KD and CASD, behind one interface.
 
-Every loss is an ``nn.Module`` whose ``forward(z1, y1, z2=None, y2=None, z3=None, y3=None)``
-takes the logits of the anchor (``z1``), of a same-class partner (``z2``) and of a
-different-class partner (``z3``) with their labels, and returns a :class:`LossOutput`: the
+Every loss is an ``nn.Module`` whose ``forward(z1, y1, z2=None, y2=None, z3=None, y3=None,
+progress=0.0)`` takes the logits of the anchor (``z1``), of a same-class partner (``z2``) and of
+a different-class partner (``z3``) with their labels, and the fraction of training steps done
+(``progress``, for a scheduled distillation weight), and returns a :class:`LossOutput`: the
 total to back-propagate and a dict of floats for the metrics log. The class attributes
 ``needs_positive`` / ``needs_negative`` tell the trainer which partners to load.
 
@@ -14,7 +15,7 @@ parameters: decay would drag α towards the middle of its range).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,11 @@ from casd_core.errors import CasdError, param
 METHODS = ("ce", "cskd", "casd")
 DISTANCES = ("kl", "js")
 ALPHA_MODES = ("fixed", "learnable", "adaptive")
+DISTILL_SCHEDULES = ("constant", "cosine")
+# Field metadata of the settings added after the study: at their default they are left out of
+# run fingerprints (:meth:`casd_core.train.TrainConfig.fingerprint`), so runs configured before
+# they existed still resume.
+AFTER_STUDY = {"after_study": True}
 
 
 @dataclass
@@ -46,6 +52,10 @@ class LossConfig:
     (see :class:`CASDLoss`). ``alpha_target_active`` is the fraction of triplets whose
     margin is violated that the adaptive scheme steers towards. α is in units of the
     unscaled distance d (inside the T² bracket).
+    ``distill_schedule`` (CS-KD and CASD): ``"constant"`` keeps λ all run; ``"cosine"`` decays
+    it as λ_t = λ · (1 + cos(π·t)) / 2, t the fraction of training steps done
+    (:func:`distill_weight_at`): the study's notes say the distillation terms help early in
+    training and cost late.
 
     The defaults are the loss of the shipped model (``experiments/aid20_224/casd.toml``, the
     study's best configuration on validation); ``tests/test_defaults.py`` keeps them in step.
@@ -63,6 +73,7 @@ class LossConfig:
     alpha_min: float = 0.0
     alpha_max: float = 1.0
     alpha_target_active: float = 0.1
+    distill_schedule: str = field(default="constant", metadata=AFTER_STUDY)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +82,9 @@ class LossConfig:
             raise CasdError(f"unknown {param('distance')} {self.distance!r}; use one of {', '.join(DISTANCES)}")
         if self.alpha_mode not in ALPHA_MODES:
             raise CasdError(f"unknown {param('alpha_mode')} {self.alpha_mode!r}; use one of {', '.join(ALPHA_MODES)}")
+        if self.distill_schedule not in DISTILL_SCHEDULES:
+            raise CasdError(f"unknown {param('distill_schedule')} {self.distill_schedule!r}; use one of "
+                            f"{', '.join(DISTILL_SCHEDULES)}")
         if not self.temperature > 0:
             raise CasdError(f"{param('temperature')} must be positive, got {self.temperature}")
         if not self.distill_weight >= 0:
@@ -121,6 +135,15 @@ def distribution_distance(teacher_logits: Tensor, student_logits: Tensor, temper
     raise CasdError(f"unknown distance {kind!r}; use one of {', '.join(DISTANCES)}")
 
 
+def distill_weight_at(cfg: LossConfig, progress: float) -> float:
+    """λ_t, the distillation weight after ``progress`` (the fraction of training steps done,
+    clamped to [0, 1]) under ``cfg.distill_schedule``: λ throughout, or λ · (1 + cos(π·t)) / 2."""
+    if cfg.distill_schedule == "constant":
+        return cfg.distill_weight
+    t = min(1.0, max(0.0, float(progress)))
+    return cfg.distill_weight * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _as_floats(**scalars: Tensor) -> dict[str, float]:
     """Scalars for the log, fetched in one device-to-host copy rather than one sync per term."""
     device = next(iter(scalars.values())).device
@@ -161,6 +184,13 @@ class SceneLoss(nn.Module):
         ces = [ce_anchor] + [F.cross_entropy(z, y, label_smoothing=ls) for z, y in partners]
         return torch.stack(ces).mean(), ce_anchor
 
+    def _with_weight(self, terms: dict[str, float], progress: float) -> dict[str, float]:
+        """``terms`` plus ``distill_weight`` (λ_t) when a schedule varies it (a constant λ is
+        in the recorded config already)."""
+        if self.cfg.distill_schedule == "constant":
+            return terms
+        return {**terms, "distill_weight": distill_weight_at(self.cfg, progress)}
+
 
 class CrossEntropyLoss(SceneLoss):
     """Plain cross-entropy on the anchor: ``L = CE(z1, y1)`` (with optional label smoothing).
@@ -176,6 +206,7 @@ class CrossEntropyLoss(SceneLoss):
         y2: Tensor | None = None,
         z3: Tensor | None = None,
         y3: Tensor | None = None,
+        progress: float = 0.0,
     ) -> LossOutput:
         z1, y1 = self._check("anchor", z1, y1)
         ce = F.cross_entropy(z1, y1, label_smoothing=self.cfg.label_smoothing)
@@ -192,7 +223,8 @@ class CSKDLoss(SceneLoss):
     (``partner_ce=False``); with ``partner_ce=True`` CE is averaged over anchor and partner so
     that CS-KD and CASD differ only by the negative and the margin. ``distance="js"`` swaps
     the KL for Jensen–Shannon (not in the paper; for ablations matching CASD's distance).
-    Terms: ``ce``, ``ce_anchor``, ``pull`` (the T²-scaled distillation), ``d_pos``, ``total``.
+    Terms: ``ce``, ``ce_anchor``, ``pull`` (the T²-scaled distillation), ``d_pos``, ``total``
+    (= ce + λ_t·pull), and ``distill_weight`` (λ_t) under a ``distill_schedule``.
     """
 
     needs_positive = True
@@ -205,6 +237,7 @@ class CSKDLoss(SceneLoss):
         y2: Tensor | None = None,
         z3: Tensor | None = None,
         y3: Tensor | None = None,
+        progress: float = 0.0,
     ) -> LossOutput:
         z1, y1 = self._check("anchor", z1, y1)
         z2, y2 = self._check("positive", z2, y2, batch=z1.shape[0])
@@ -212,9 +245,9 @@ class CSKDLoss(SceneLoss):
         ce, ce_anchor = self._cross_entropy(z1, y1, [(z2, y2)])
         d_pos = distribution_distance(z2.detach(), z1, cfg.temperature, cfg.distance)
         pull = cfg.temperature**2 * d_pos.mean()
-        total = ce + cfg.distill_weight * pull
+        total = ce + distill_weight_at(cfg, progress) * pull
         terms = _as_floats(ce=ce, ce_anchor=ce_anchor, pull=pull, d_pos=d_pos.mean(), total=total)
-        return LossOutput(total=total, terms=terms)
+        return LossOutput(total=total, terms=self._with_weight(terms, progress))
 
 
 class CASDLoss(SceneLoss):
@@ -249,7 +282,8 @@ class CASDLoss(SceneLoss):
 
     Terms: ``ce``, ``ce_anchor``, ``pull`` (T²·mean d_pos), ``margin`` (T²·mean hinge),
     ``casd`` (pull + margin), ``alpha``, ``active_fraction`` (hinge > 0), ``d_pos``,
-    ``d_neg`` (unscaled mean distances), ``total`` (= ce + λ·casd).
+    ``d_neg`` (unscaled mean distances), ``total`` (= ce + λ_t·casd), and ``distill_weight``
+    (λ_t) under a ``distill_schedule``.
     """
 
     needs_positive = True
@@ -283,6 +317,7 @@ class CASDLoss(SceneLoss):
         y2: Tensor | None = None,
         z3: Tensor | None = None,
         y3: Tensor | None = None,
+        progress: float = 0.0,
     ) -> LossOutput:
         z1, y1 = self._check("anchor", z1, y1)
         z2, y2 = self._check("positive", z2, y2, batch=z1.shape[0])
@@ -305,7 +340,7 @@ class CASDLoss(SceneLoss):
         pull = t2 * d_pos.mean()
         margin = t2 * hinge.mean()
         casd = pull + margin
-        total = ce + cfg.distill_weight * casd
+        total = ce + distill_weight_at(cfg, progress) * casd
         if cfg.alpha_mode == "adaptive":
             total = total + (alpha - alpha.detach()) * (active_fraction.detach() - cfg.alpha_target_active)
 
@@ -321,7 +356,7 @@ class CASDLoss(SceneLoss):
             d_neg=d_neg.mean(),
             total=total,
         )
-        return LossOutput(total=total, terms=terms)
+        return LossOutput(total=total, terms=self._with_weight(terms, progress))
 
 
 _LOSSES: dict[str, type[SceneLoss]] = {"ce": CrossEntropyLoss, "cskd": CSKDLoss, "casd": CASDLoss}

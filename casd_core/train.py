@@ -48,7 +48,7 @@ from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
 from casd_core.finetune import (check_backbone, keep_batch_norm_statistics, resolve_init, set_backbone_frozen,
                                 training_scale)
-from casd_core.losses import LossConfig, build_loss
+from casd_core.losses import AFTER_STUDY, LossConfig, build_loss
 from casd_core.models import (batch_norm_lags, build_model, build_model_from_package, default_normalization,
                               package_normalization, recompute_batch_norm)
 from casd_core.package import ModelPackage, default_class_colors
@@ -61,9 +61,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"  # written last: its presence marks a finished run
 NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
-# Field metadata of the settings added after the study: at their default they are left out of
-# the fingerprint, so runs (and study rows) configured before they existed still resume.
-AFTER_STUDY = {"after_study": True}
 
 
 @dataclass
@@ -77,7 +74,11 @@ class TrainConfig:
 
     ``init`` (a model package, or ``"default"``: the embedded model) starts from that
     package's backbone with a new head, instead of ``pretrained`` weights; ``freeze_epochs``
-    keeps the backbone frozen for the first epochs. Settings added after the study carry
+    keeps the backbone frozen for the first epochs. ``val_seed`` draws the data rows (the
+    validation carve, and the ``subset_per_class`` subsets) with its own seed, so that every
+    run of a study, whatever its ``seed``, validates on the very same images; ``None`` draws
+    them with ``seed`` (the study's carve differed per seed). The sampler, augmentation and
+    weights always follow ``seed``. Settings added after the study carry
     ``metadata=AFTER_STUDY`` (see :meth:`fingerprint`).
     """
 
@@ -107,6 +108,7 @@ class TrainConfig:
     tile_footprint_m: float | None = None
     init: str | None = field(default=None, metadata=AFTER_STUDY)
     freeze_epochs: int = field(default=0, metadata=AFTER_STUDY)
+    val_seed: int | None = field(default=None, metadata=AFTER_STUDY)
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -125,6 +127,13 @@ class TrainConfig:
         self.init = str(self.init) if self.init else None
         if not 0 <= self.val_fraction < 1:
             raise CasdError(f"{param('val_fraction')} must be in [0, 1), got {self.val_fraction}")
+        if self.val_seed is not None and self.val_seed < 0:
+            raise CasdError(f"{param('val_seed')} must be 0 or more, got {self.val_seed}")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed the data rows are drawn with: ``val_seed``, or ``seed`` when it is ``None``."""
+        return self.seed if self.val_seed is None else self.val_seed
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -132,12 +141,19 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed: every setting but ``device``,
         ``workers`` and ``out_dir``, and but a setting added after the study (field metadata
-        :data:`AFTER_STUDY`) while it is at its default, so that adding a setting never changes
-        the fingerprint of the runs configured before it existed."""
-        omitted = {"device", "workers", "out_dir"} | {
-            f.name for f in fields(self) if f.metadata.get("after_study") and getattr(self, f.name) == f.default}
+        :data:`AFTER_STUDY`, here or in the :class:`~casd_core.losses.LossConfig`) while it is
+        at its default, so that adding a setting never changes the fingerprint of the runs
+        configured before it existed."""
+        omitted = {"device", "workers", "out_dir"} | _after_study_at_default(self)
         settings = {k: v for k, v in self.to_json().items() if k not in omitted}
+        omitted_loss = _after_study_at_default(self.loss)
+        settings["loss"] = {k: v for k, v in settings["loss"].items() if k not in omitted_loss}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _after_study_at_default(config: Any) -> set[str]:
+    """The names of ``config``'s settings added after the study that are at their default."""
+    return {f.name for f in fields(config) if f.metadata.get("after_study") and getattr(config, f.name) == f.default}
 
 
 @dataclass
@@ -177,9 +193,11 @@ def _average_loss_gradients(loss_fn: torch.nn.Module) -> None:
 
 def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor],
-                  device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor]:
+                  device: torch.device, progress: float = 0.0) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One optimisation step on a triplet batch; returns the loss output and the anchors'
     logits and embeddings (detached), which feed the confusion/centroid negative mining.
+    ``progress`` (the fraction of the run's steps done before this one) goes to the loss, for
+    a scheduled distillation weight.
 
     The branches present in ``batch`` go through the network as one concatenated batch:
     one forward pass is faster than three and the weights are shared anyway. Under a process
@@ -196,7 +214,7 @@ def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: t
     chunks = logits.float().chunk(len(branches))
     partners = dict(zip(("z2", "y2", "z3", "y3"),
                         [t for pair in zip(chunks[1:], labels[1:]) for t in pair]))
-    out = loss_fn(chunks[0], labels[0], **partners)
+    out = loss_fn(chunks[0], labels[0], **partners, progress=progress)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.total).backward()
     if distributed.is_distributed():
@@ -373,10 +391,13 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=None if self.main else True, unit="batch")
+        total_steps = self.steps_per_epoch * self.cfg.epochs
         for step, batch in enumerate(bar):
             self.monitor.check_cancelled()
+            # From the step count, not a counter: a resumed run continues the same schedule.
+            progress = (epoch * self.steps_per_epoch + step) / total_steps
             out, anchor_logits, anchor_features = training_step(
-                self.net, self.loss, self.optimizer, self.scaler, batch, self.device)
+                self.net, self.loss, self.optimizer, self.scaler, batch, self.device, progress)
             self.scheduler.step()
 
             anchors = batch["anchor_label"]
@@ -459,8 +480,9 @@ class Trainer:
             with atomic_path(self.checkpoint_path) as tmp:
                 torch.save(self._checkpoint(epoch), tmp)
             write_text_atomic("".join(json.dumps(m) + "\n" for m in self.history), log_path)
+            weight = f"  lambda {metrics['train_distill_weight']:.3f}" if "train_distill_weight" in metrics else ""
             self._say(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {metrics.get('train_total', float('nan')):.4f}"
-                       f"  val OA {val['overall_accuracy']:.4f}  ({metrics['images_per_s']:.1f} img/s)")
+                       f"{weight}  val OA {val['overall_accuracy']:.4f}  ({metrics['images_per_s']:.1f} img/s)")
         # Rank 0 finishes alone; the others wait for its result, so every rank returns it.
         return distributed.broadcast_object(self._finish() if self.main else None)
 

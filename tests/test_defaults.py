@@ -62,6 +62,19 @@ STUDY_FINGERPRINTS = {
     "aid20_224/casd.toml": "bd00344db1a98856",
     "aid20_224/ce.toml": "c3b289896b53853d",
     "aid20_224/cskd.toml": "8d06efffb6a4ca27",
+    # issue 14's rows (fixed validation carve), pinned when they were added
+    "aid20_224v/base.toml": "84bd0cf8621e294c",
+    "aid20_224v/casd.toml": "1424c45598cac5db",
+    "aid20_224v/casd_alpha_fixed_0.1.toml": "94eb1b6011ac24df",
+    "aid20_224v/casd_distill_cosine.toml": "33a88d63538e42b7",
+    "aid20_224v/casd_negatives_confusion.toml": "e986973cdc0ed04b",
+    "aid20_224v/ce.toml": "bbc13e03fe4ed719",
+    "aid20_224v/cskd.toml": "6f2a9c361d4f0781",
+    "aid20_224v/lite2_casd_negatives_confusion.toml": "6540d6a0062258c5",
+    "aid20_224v/lite2_ce.toml": "744e451145ad871c",
+    "aid50_224v/base.toml": "fa79e6a8ab564ddb",
+    "aid50_224v/casd_negatives_confusion.toml": "630566eb048f9a5a",
+    "aid50_224v/ce.toml": "f5153eeb2ee75ab4",
 }
 
 
@@ -89,7 +102,7 @@ def test_every_setting_is_recorded_or_declared_not_part_of_the_recipe(recorded: 
     after_study = {f.name for f in fields(TrainConfig) if f.metadata.get("after_study")}
     assert set(recorded) == train_fields - after_study, \
         "a TrainConfig field was added or removed: decide its recipe value"
-    assert set(recorded["loss"]) == {f.name for f in fields(LossConfig)}
+    assert set(recorded["loss"]) == {f.name for f in fields(LossConfig) if not f.metadata.get("after_study")}
 
 
 def test_defaults_are_the_shipped_models_recipe(recorded: dict) -> None:

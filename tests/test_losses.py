@@ -287,3 +287,43 @@ def test_label_smoothing_applies_to_every_branch() -> None:
     out = _casd(label_smoothing=0.1)(z1, y1, z2, y2, z3, y3)
     expected = sum(F.cross_entropy(z, y, label_smoothing=0.1) for z, y in [(z1, y1), (z2, y2), (z3, y3)]) / 3
     assert out.terms["ce"] == pytest.approx(expected.item(), rel=1e-6)
+
+
+# -- the distillation-weight schedule (issue 14) ------------------------------------------------
+
+@pytest.mark.parametrize(("progress", "expected"), [(0.0, 2.0), (0.25, 1.0 + math.sqrt(0.5)), (0.5, 1.0),
+                                                    (0.75, 1.0 - math.sqrt(0.5)), (1.0, 0.0),
+                                                    (-0.5, 2.0), (1.5, 0.0)])
+def test_cosine_schedule_decays_lambda_over_the_steps_done(progress: float, expected: float) -> None:
+    from casd_core.losses import distill_weight_at
+
+    cosine = LossConfig(method="casd", distill_weight=2.0, distill_schedule="cosine")
+    assert distill_weight_at(cosine, progress) == pytest.approx(expected, abs=1e-12)
+    assert distill_weight_at(LossConfig(method="casd", distill_weight=2.0), progress) == 2.0
+
+
+@pytest.mark.parametrize("method", ["cskd", "casd"])
+def test_scheduled_loss_weighs_the_distillation_with_lambda_t(method: str) -> None:
+    z1, y1, z2, y2, z3, y3 = _batch()
+    lam, progress = 1.5, 0.3
+    expected_weight = lam * 0.5 * (1 + math.cos(math.pi * progress))
+    loss = build_loss(LossConfig(method=method, distill_weight=lam, distill_schedule="cosine",
+                                 alpha_mode="fixed"), C)
+    out = loss(z1, y1, z2, y2, z3, y3, progress=progress)
+    t = out.terms
+    distill = t["casd"] if method == "casd" else t["pull"]
+    assert t["distill_weight"] == pytest.approx(expected_weight, rel=1e-12)
+    assert out.total.item() == pytest.approx(t["ce"] + expected_weight * distill, rel=1e-6)
+    # at the start it is the constant-λ loss (which ignores progress); at the end only CE is left
+    constant = build_loss(LossConfig(method=method, distill_weight=lam, alpha_mode="fixed"), C)
+    unscheduled = constant(z1, y1, z2, y2, z3, y3, progress=progress)
+    assert "distill_weight" not in unscheduled.terms  # a constant λ is in the recorded config
+    assert unscheduled.total.item() == pytest.approx(t["ce"] + lam * distill, rel=1e-6)
+    assert loss(z1, y1, z2, y2, z3, y3, progress=0.0).total.item() == pytest.approx(unscheduled.total.item(),
+                                                                                    rel=1e-6)
+    assert loss(z1, y1, z2, y2, z3, y3, progress=1.0).total.item() == pytest.approx(t["ce"], rel=1e-6)
+
+
+def test_unknown_distill_schedule_is_refused_by_name() -> None:
+    with pytest.raises(CasdError, match="distill_schedule.*constant, cosine"):
+        LossConfig(method="casd", distill_schedule="linear")

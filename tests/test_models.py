@@ -10,10 +10,10 @@ from torch import nn
 
 from casd_core.errors import CasdError
 from casd_core.models import (BACKBONES, SceneClassifier, adapt_stem, build_model, build_model_from_package,
-                              default_normalization, lite0_weights_path)
+                              default_normalization, lite_weights_path)
 
 REQUIRED = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16",
-            "swin_t", "efficientnet_lite0"]
+            "swin_t", "efficientnet_lite0", "efficientnet_lite2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,7 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lite0_state_dict() -> dict[str, torch.Tensor]:
-    return torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(lite_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
 
 
 def test_required_backbones_are_listed():

@@ -15,6 +15,7 @@ import pytest
 
 from casd_core.cli import main
 from casd_core.package import ModelPackage
+from casd_core.train import TrainConfig
 from helpers import small_split
 
 
@@ -183,3 +184,91 @@ def test_without_validation_rows_the_last_epoch_is_the_model(aid_root: Path, tmp
     last = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     for name, value in package.state_dict.items():
         torch.testing.assert_close(value, last[name].to(value.dtype), msg=name)
+
+
+# -- issue 14: one validation carve for every seed, a scheduled distillation weight -------------
+
+def _config(aid_root: Path, split: Path, out: Path, **changes) -> TrainConfig:
+    settings = {"method": "cskd", "pretrained": None, "input_size": 32, "batch_size": 16, "val_fraction": 0.2,
+                "device": "cpu", "workers": 0, **changes}
+    return TrainConfig(data_root=aid_root, split_csv=split, out_dir=out, **settings)
+
+
+def test_a_fixed_val_seed_gives_every_seed_the_same_validation_rows(aid_root: Path, tmp_path: Path) -> None:
+    """Seeds 0 and 1 with val_seed 7 validate on the same images and train on the same ones,
+    in another order and from other initial weights; without val_seed the carve follows the
+    seed, as it always did."""
+    import torch
+
+    from casd_core.data import training_rows
+    from casd_core.train import Trainer
+
+    split = small_split(aid_root, tmp_path, train_per_class=10, test_per_class=1)
+    trainers = {(seed, val_seed): Trainer(_config(aid_root, split, tmp_path / f"{seed}-{val_seed}", seed=seed,
+                                                  val_seed=val_seed))
+                for seed, val_seed in ((0, 7), (1, 7), (0, None), (1, None))}
+
+    def paths(dataset) -> list[Path]:
+        return [sample.path for sample in dataset.samples]
+
+    def order(trainer: Trainer) -> list[Path]:
+        trainer.sampler.set_epoch(0)
+        return [trainer.data.train.samples[anchor].path for anchor, _, _ in trainer.sampler]
+
+    fixed_0, fixed_1 = trainers[0, 7], trainers[1, 7]
+    assert len(fixed_0.data.val) == 60 and paths(fixed_0.data.val) == paths(fixed_1.data.val)
+    assert paths(fixed_0.data.train) == paths(fixed_1.data.train)
+    assert paths(fixed_0.data.val) == [s.path for s in training_rows(aid_root, split, 0.2, 7).val]
+    assert order(fixed_0) != order(fixed_1) and sorted(order(fixed_0)) == sorted(order(fixed_1))
+    assert not torch.equal(fixed_0.model.head.weight, fixed_1.model.head.weight)
+    for seed in (0, 1):  # val_seed None: today's carve, drawn with the run's seed
+        assert paths(trainers[seed, None].data.val) == [s.path for s in training_rows(aid_root, split, 0.2, seed).val]
+    assert paths(trainers[0, None].data.val) != paths(trainers[1, None].data.val)
+
+
+def test_new_settings_at_their_defaults_keep_old_fingerprints(aid_root: Path, tmp_path: Path) -> None:
+    """val_seed None and a constant λ leave a run's fingerprint as it was before they existed
+    (pinned in tests/test_finetune.py), so the study's runs and the shipped recipe still resume;
+    setting either makes another run."""
+    from dataclasses import replace
+
+    from casd_core.losses import LossConfig
+
+    base = TrainConfig(data_root=Path("/data/aid150"), split_csv=Path("/data/aid150/split_20.csv"),
+                       out_dir=Path("/runs/x"))
+    assert base.fingerprint() == "f8e268d89899888a"
+    same = replace(base, val_seed=None, loss=LossConfig(distill_schedule="constant"))
+    assert same.fingerprint() == base.fingerprint()
+    changed = {replace(base, val_seed=0).fingerprint(), replace(base, val_seed=1).fingerprint(),
+               replace(base, loss=LossConfig(distill_schedule="cosine")).fingerprint(), base.fingerprint()}
+    assert len(changed) == 4
+
+
+def test_cosine_schedule_and_fixed_carve_train_log_and_package(aid_root: Path, tmp_path: Path) -> None:
+    """`casd train --distill-schedule cosine --val-seed 3`: the log shows λ falling epoch by
+    epoch as the mean of λ_t over each epoch's steps, the package records both settings, and
+    `casd calibrate`'s replay of the carve finds the very validation rows the run used."""
+    import math
+
+    from casd_core.calibration import replayed_rows
+    from casd_core.data import training_rows
+
+    split = small_split(aid_root, tmp_path, train_per_class=4, test_per_class=1)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(aid_root), "--split", str(split), "--out", str(out), "--method", "cskd",
+                 "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--val-fraction", "0.25",
+                 "--seed", "1", "--val-seed", "3", "--distill-weight", "2", "--distill-schedule", "cosine",
+                 "--pretrained", "none", "--device", "cpu", "--workers", "0"]) == 0
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = 90 // 16  # 30 classes x 3 training images, full batches only
+    weights = [2 * 0.5 * (1 + math.cos(math.pi * step / (2 * steps))) for step in range(2 * steps)]
+    for epoch, entry in enumerate(log):
+        assert entry["train_distill_weight"] == pytest.approx(sum(weights[epoch * steps:(epoch + 1) * steps]) / steps)
+    assert 0 < log[1]["train_distill_weight"] < log[0]["train_distill_weight"] < 2
+    package = ModelPackage.load(out / "model.safetensors")
+    assert (package.training["seed"], package.training["val_seed"]) == (1, 3)
+    assert package.training["loss"]["distill_schedule"] == "cosine"
+    carved = training_rows(aid_root, split, 0.25, 3).val
+    assert [s.path for s in replayed_rows(package, out, aid_root, split).val] == [s.path for s in carved]
+    assert package.metrics["validation"]["num_samples"] == len(carved) == 30
+    assert carved != training_rows(aid_root, split, 0.25, 1).val

@@ -20,14 +20,16 @@ def _run_train(args: argparse.Namespace) -> int:
                       label_smoothing=args.label_smoothing, distance=args.distance,
                       detach_partner=args.detach_partner, partner_ce=args.partner_ce,
                       alpha_mode=args.alpha_mode, alpha_init=args.alpha_init, alpha_min=args.alpha_min,
-                      alpha_max=args.alpha_max, alpha_target_active=args.alpha_target_active)
+                      alpha_max=args.alpha_max, alpha_target_active=args.alpha_target_active,
+                      distill_schedule=args.distill_schedule)
     cfg = TrainConfig(
         data_root=args.data_root, split_csv=args.split_csv, out_dir=args.out_dir, method=args.method,
         backbone=args.backbone, pretrained=None if args.pretrained == "none" else args.pretrained,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, input_size=args.input_size, val_fraction=args.val_fraction,
-        seed=args.seed, negatives=args.negatives, loss=loss, subset_per_class=args.subset_per_class,
-        package_name=args.package_name, device=args.device, workers=args.workers,
+        seed=args.seed, val_seed=args.val_seed, negatives=args.negatives, loss=loss,
+        subset_per_class=args.subset_per_class, package_name=args.package_name, device=args.device,
+        workers=args.workers,
         bands=parse_bands(args.bands), value_scale=args.value_scale, gsd_m=args.gsd_m,
         tile_footprint_m=args.tile_footprint_m, init=args.init, freeze_epochs=args.freeze_epochs,
     )
@@ -66,7 +68,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["ce", "cskd", "casd"], default=t("method"), help="training objective")
     p.add_argument("--backbone", default=t("backbone"), help="network architecture (see docs for the list)")
     p.add_argument("--pretrained", choices=["imagenet", "none"], default=t("pretrained") or "none",
-                   help="start from ImageNet weights (offline for efficientnet_lite0) or from scratch "
+                   help="start from ImageNet weights (offline for the efficientnet_lite backbones) or from scratch "
                         "(not used with --init)")
     p.add_argument("--epochs", type=int, default=t("epochs"), help="passes over the training rows")
     p.add_argument("--batch-size", type=int, default=t("batch_size"),
@@ -79,7 +81,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="image side in pixels fed to the network")
     p.add_argument("--val-fraction", type=float, default=t("val_fraction"),
                    help="share of each class's train rows held out for validation")
-    p.add_argument("--seed", type=int, default=t("seed"), help="seed of the split carve, sampler and weights")
+    p.add_argument("--seed", type=int, default=t("seed"),
+                   help="seed of the sampler, augmentation and weights (and of the validation carve without "
+                        "--val-seed)")
+    p.add_argument("--val-seed", type=int, default=t("val_seed"),
+                   help="draw the validation carve with this seed instead of --seed, so that runs of every seed "
+                        "validate on the same images (default: --seed)")
     p.add_argument("--subset-per-class", type=int, help="use at most this many images per class (quick runs)")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--init", metavar="MODEL", default=t("init"),
@@ -95,6 +102,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="softmax temperature T of the distilled distributions")
     g.add_argument("--distill-weight", type=float, default=loss("distill_weight"),
                    help="lambda: weight of the distillation loss")
+    g.add_argument("--distill-schedule", choices=["constant", "cosine"], default=loss("distill_schedule"),
+                   help="lambda over training: constant, or decayed to 0 along a half cosine of the steps done")
     g.add_argument("--label-smoothing", type=float, default=loss("label_smoothing"),
                    help="label smoothing of the cross-entropy terms")
     g.add_argument("--distance", choices=["kl", "js"], default=loss("distance"),
@@ -155,7 +164,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "evaluate", _run_evaluate, "evaluate a model package on the test rows of a split CSV",
         "Overall accuracy, Cohen's kappa and per-class precision/recall/F1 of a model package "
         "on one split (default: the 'test' rows) of a path,label,split CSV.")
-    p.add_argument("model", type=Path, help="model package (.safetensors) written by `casd train`")
+    p.add_argument("model", type=Path, help="model package (.safetensors) written by `casd train`, or its "
+                                            "`casd export` (.onnx, run in onnxruntime)")
     p.add_argument("--data", dest="data_root", type=Path, required=True,
                    help="folder the CSV paths are relative to")
     p.add_argument("--split", dest="split_csv", type=Path, required=True,

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 14's runs on a CPU machine, in the order that informs the decision soonest: seed 0 of
+# every 224-px row, then seed 1, then seed 2; Lite2 CASD (~18.5 GB peak: run nothing heavy beside
+# it) and the split_50 rows last (their CASD row is to become the best variant once seed 0 of
+# each has finished). Finished seeds are skipped and an interrupted one resumes from its last
+# epoch, so start it again in every session (~39 h of 2 idle cores in all):
+#   setsid nohup nice -n 19 bash experiments/aid20_224v/queue.sh >> runs/queue_224v.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+run() { .venv/bin/casd experiment "$@"; }
+rows="ce cskd casd_negatives_confusion casd casd_alpha_fixed_0.1 casd_distill_cosine lite2_ce"
+for seed in 0 1 2; do
+    for row in $rows; do run "experiments/aid20_224v/$row.toml" --seeds "$seed"; done
+done
+for seed in 0 1 2; do run experiments/aid20_224v/lite2_casd_negatives_confusion.toml --seeds "$seed"; done
+for seed in 0 1 2; do
+    for row in ce casd_negatives_confusion; do run "experiments/aid50_224v/$row.toml" --seeds "$seed"; done
+done
