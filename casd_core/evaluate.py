@@ -1,6 +1,9 @@
 """Honest evaluation: run a model over a split and report OA, kappa, per-class scores and how
 well its scores are calibrated (ECE, with and without the package's temperature), optionally
-with test-time augmentation."""
+with test-time augmentation. A ``.safetensors`` package runs in torch, an ``.onnx`` export in
+onnxruntime; both see the very same batches (decoded and resized by torchvision, as in
+training), so their reports compare row for row.
+"""
 
 from __future__ import annotations
 
@@ -103,6 +106,21 @@ def predict_outputs(model: torch.nn.Module, dataset: SceneDataset, device: torch
         images_per_s=n / elapsed if elapsed > 0 and n else 0.0)
 
 
+class OnnxLogits(torch.nn.Module):
+    """An ``.onnx`` export (:class:`~casd_core.inference.onnx_backend.OrtPredictor`) as a module
+    for :func:`predict_outputs`. Its graph ends in softmax(logits / T), so this returns T·log p,
+    the logits less a constant per row: softmax of it over T gives back the graph's own p, and
+    at T = 1 the uncalibrated scores, with the views, ECE and labels of the torch path."""
+
+    def __init__(self, predictor: Any) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        probabilities = self.predictor.predict(batch.cpu().numpy())  # a probability 0 gives -inf: softmax keeps 0
+        return torch.from_numpy(probabilities).log_().mul_(self.predictor.package.temperature).to(batch.device)
+
+
 def evaluate_model(model: torch.nn.Module, dataset: SceneDataset, device: torch.device,
                    batch_size: int = 64, with_confusion: bool = False,
                    monitor: Monitor | None = None, workers: int | None = None,
@@ -147,9 +165,10 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     Images are prepared exactly as during training's evaluation (resize to the package's
     input size, its normalisation), so the test accuracy recorded at training is reproduced.
     Scores are softmax(logits / T) with the package's temperature; ``tta`` averages them over
-    the 8 flips and right-angle turns of each image (8x the cost).
+    the 8 flips and right-angle turns of each image (8x the cost). An ``.onnx`` export runs in
+    onnxruntime (:class:`OnnxLogits`) on ``device``'s provider.
     """
-    package = ModelPackage.load(package_path)
+    package = ModelPackage.load(package_path)  # an .onnx export's description, without weights
     splits, class_names = read_split(Path(split_csv), Path(data_root))
     if split not in splits:
         raise CasdError(f"{split_csv} has no rows with split={split!r} (it has: {', '.join(sorted(splits))})")
@@ -162,11 +181,18 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     transform = build_transforms(package.input_size, package.mean, package.std, train=False)
     bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
     dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
-    torch_device = resolve_device(device)
     prepare_cpu()
-    model = package.build_model().to(torch_device)
-    if torch_device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if Path(package_path).suffix.lower() == ".onnx":
+        from casd_core.inference.onnx_backend import OrtPredictor
+
+        # onnxruntime takes numpy batches from the CPU; it picks its own provider from ``device``
+        torch_device = torch.device("cpu")
+        model: torch.nn.Module = OnnxLogits(OrtPredictor.from_file(package_path, device))
+    else:
+        torch_device = resolve_device(device)
+        model = package.build_model().to(torch_device)
+        if torch_device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
     report = evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
                             temperature=package.temperature, tta=tta)
     report = {"model": str(package_path), "split": split, "split_csv": str(split_csv),

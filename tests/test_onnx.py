@@ -4,9 +4,11 @@ them (custom-op domains, external data outside the model's folder)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,12 @@ def test_export_is_self_describing(package_path: Path, onnx_path: Path) -> None:
     (tensor,) = model.graph.input
     assert tensor.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
     assert [d.dim_value for d in tensor.type.tensor_type.shape.dim[1:]] == [3, 64, 64]
+    # Each TF "same" padding went into its Conv (a separate Pad cost half the run time,
+    # docs/BENCHMARKS.md); the strided ones pad more at the end than at the start.
+    assert "Pad" not in {node.op_type for node in model.graph.node}
+    conv_pads = [list(a.ints) for node in model.graph.node if node.op_type == "Conv"
+                 for a in node.attribute if a.name == "pads"]
+    assert any(pads[:2] != pads[2:] for pads in conv_pads)
     loaded = ModelPackage.load(onnx_path)  # the loader dispatches on the file
     assert loaded.metadata() == package.metadata() and loaded.state_dict == {}
     with pytest.raises(CasdError, match="no PyTorch weights"):
@@ -215,3 +223,44 @@ def test_processing_algorithm_exports(package_path, tmp_path) -> None:
     (result,) = run_qgis_script(script, tmp_path)
     assert result["output"] == str(out)
     assert ModelPackage.load(out).metadata() == ModelPackage.load(package_path).metadata()
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def _evaluated(model: Path, aid_root: Path, split: Path, out: Path, tta: bool, capsys) -> tuple[dict, str]:
+    """``casd evaluate --json`` of ``model``: its report and the confusion matrix CSV it wrote."""
+    assert main(["evaluate", str(model), "--data", str(aid_root), "--split", str(split), "--device", "cpu",
+                 "--batch-size", "16", "--out", str(out), "--json", *(["--tta"] if tta else [])]) == 0
+    return json.loads(capsys.readouterr().out), (out / "confusion_matrix.csv").read_text()
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["one-view", "tta"])
+def test_evaluating_an_export_reports_what_torch_reports(tta, aid_root, package_path, onnx_path, tmp_path,
+                                                         capsys, one_torch_thread) -> None:
+    """``casd evaluate MODEL.onnx`` runs onnxruntime over the very batches torch gets: on one test
+    row of each class, the same labels (confusion matrix), scores and calibration, the same keys."""
+    split = small_split(aid_root, tmp_path, train_per_class=0, test_per_class=1)
+    torch_report, torch_confusion = _evaluated(package_path, aid_root, split, tmp_path / "torch", tta, capsys)
+    onnx_report, onnx_confusion = _evaluated(onnx_path, aid_root, split, tmp_path / "onnx", tta, capsys)
+    assert onnx_report.keys() == torch_report.keys()
+    assert onnx_report["model"] == str(onnx_path) and onnx_report["num_samples"] == 30
+    assert onnx_confusion == torch_confusion
+    matrix = np.array([row[1:] for row in csv.reader(onnx_confusion.splitlines()[1:])], dtype=int)
+    assert matrix.sum() == 30 and (matrix.sum(0) > 0).sum() > 3  # labels vary: the agreement is not trivial
+    for key in ("overall_accuracy", "kappa", "macro_f1", "per_class", "temperature", "tta"):
+        assert onnx_report[key] == torch_report[key], key
+    for key in ("ece", "ece_uncalibrated"):  # the package's temperature 0.5 is applied, then undone
+        assert onnx_report[key] == pytest.approx(torch_report[key], abs=PROBABILITY_TOLERANCE), key
+    assert onnx_report["ece"] != pytest.approx(onnx_report["ece_uncalibrated"], abs=1e-3)
+
+
+def test_the_light_install_says_evaluation_needs_the_full_one(aid_root, onnx_path, tmp_path) -> None:
+    """Without torch, evaluating even an .onnx model is refused in one line that says why."""
+    light = Path(__file__).resolve().parent.parent / ".venv-light" / "bin" / "casd"
+    assert light.is_file(), "no .venv-light: run bash scripts/setup.sh"
+    split = small_split(aid_root, tmp_path, train_per_class=0, test_per_class=1)
+    done = subprocess.run([str(light), "evaluate", str(onnx_path), "--data", str(aid_root), "--split", str(split)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "needs PyTorch, also for an .onnx model" in done.stderr and "requirements.txt" in done.stderr

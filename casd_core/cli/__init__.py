@@ -19,6 +19,10 @@ from casd_core.cli.predict import add_batch_parser, add_predict_parser
 from casd_core.errors import CasdError
 
 TORCH_COMMANDS = ("train", "evaluate", "calibrate", "experiment")
+# evaluate runs .onnx models too, but decodes and resizes the images with torchvision as training does
+TORCH_ONLY_REASONS = {"evaluate": "casd evaluate needs PyTorch, also for an .onnx model (its images are read and "
+                                  "resized with torchvision, exactly as in training); run it in the full install "
+                                  "(pip install -r requirements.txt)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_torch_only_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
     """A command that needs PyTorch, in a Python without it: any arguments, one clear error."""
     def run(args: argparse.Namespace) -> int:
+        if name in TORCH_ONLY_REASONS:
+            raise CasdError(TORCH_ONLY_REASONS[name])
         require_torch(f"casd {name}")
         return 2
 
