@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,17 @@ def aid_root(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def rasters(shared_data: Path) -> Path:
     return shared_data / "rasters"
+
+
+@pytest.fixture(scope="session")
+def raster_copies(shared_data: Path, tmp_path_factory) -> Path:
+    """The shared rasters copied to a temporary folder, for tests that give them to QGIS: a
+    QgsRasterLayer computes band statistics for its default contrast stretch, and GDAL saves
+    them beside the file (``<raster>.aux.xml``), which must not happen in ../shared/data."""
+    folder = tmp_path_factory.mktemp("rasters")
+    for path in sorted((shared_data / "rasters").glob("*.tif")):
+        shutil.copyfile(path, folder / path.name)
+    return folder
 
 
 @pytest.fixture(scope="module")

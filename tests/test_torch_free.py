@@ -53,13 +53,13 @@ def test_casd_predict_in_the_light_install_labels_like_torch(light_python, raste
     assert done.returncode == 2 and "needs PyTorch" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_plugin_classifies_in_qgis_without_torch(light_python, rasters, torch_labels, tmp_path):
+def test_plugin_classifies_in_qgis_without_torch(light_python, raster_copies, torch_labels, tmp_path):
     out = tmp_path / "plugin.gpkg"
     script = plugin_script(tmp_path, f"""
         provider = QgsApplication.processingRegistry().providerById("casd")
         ids = sorted(a.id() for a in provider.algorithms()) if provider else []
         # no MODEL: the embedded default, which without torch is its ONNX export
-        result = processing.run("casd:classifyraster", {{"INPUT": {str(rasters / "test_tiled.tif")!r},
+        result = processing.run("casd:classifyraster", {{"INPUT": {str(raster_copies / "test_tiled.tif")!r},
                                                          "OUTPUT": {str(out)!r}}})
         print("RESULT" + json.dumps({{"ids": ids, "missing": plugin.missing, "tiles": result["TILE_COUNT"],
                                       "torch": "torch" in sys.modules}}))

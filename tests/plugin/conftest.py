@@ -155,6 +155,13 @@ def provider(plugin_name):
 
 
 @pytest.fixture(scope="session")
+def rasters(raster_copies: Path) -> Path:
+    """Every test here hands its rasters to QGIS, so each gets the temporary copies, not
+    ../shared/data (see ``raster_copies``)."""
+    return raster_copies
+
+
+@pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory, aid_root) -> Path:
     """An untrained EfficientNet-Lite0 package over the 30 AID classes (the plumbing, not the accuracy)."""
     import casd_core.models
