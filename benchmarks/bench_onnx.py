@@ -36,12 +36,21 @@ BATCH = 32
 
 
 def exports(cache: Path) -> dict[str, Path]:
-    """The default model's fp32 and int8 exports (cached)."""
+    """The default model's fp32 and int8 exports, cached under a digest of the exporter's code
+    and the model file, so a changed export is never measured from a stale file."""
+    import hashlib
+
+    from casd_core.onnx import export, quantize
     from casd_core.onnx.export import export_onnx
     from casd_core.onnx.quantize import CalibrationConfig
+    from casd_core.package import default_model_path
 
+    digest = hashlib.sha256()
+    for source in (Path(export.__file__), Path(quantize.__file__), default_model_path()):
+        digest.update(source.read_bytes())
+    key = digest.hexdigest()[:12]
     cache.mkdir(parents=True, exist_ok=True)
-    paths = {"fp32": cache / "default_fp32.onnx", "int8": cache / "default_int8.onnx"}
+    paths = {"fp32": cache / f"default_fp32_{key}.onnx", "int8": cache / f"default_int8_{key}.onnx"}
     if not paths["fp32"].is_file():
         export_onnx(None, paths["fp32"])
     if not paths["int8"].is_file():
