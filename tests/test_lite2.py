@@ -15,8 +15,8 @@ from casd_core.package import ModelPackage, default_class_colors
 
 NATIVE = 260  # efficientnet_lite_pytorch's global params for lite2: (1.1, 1.2, 260, 0.3)
 # What a folded export is made of: the TF-"same" padding arithmetic on the input's shape (Shape,
-# Gather, Concat, ...) is gone, leaving constant pads (Pad nodes, or fused into the Convs).
-PLAIN_OPS = {"Conv", "Clip", "Pad", "Add", "GlobalAveragePool", "Reshape", "Gemm", "Div", "Softmax"}
+# Gather, Concat, ...) is gone, and its constant pads are inside the Convs (no Pad node).
+PLAIN_OPS = {"Conv", "Clip", "Add", "GlobalAveragePool", "Reshape", "Gemm", "Div", "Softmax"}
 
 
 @pytest.fixture(scope="module")
