@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 
 from casd_core.errors import CasdError
@@ -86,7 +87,7 @@ def test_lite0_four_band_stem_keeps_rgb_bit_exact(lite0_state_dict):
     model = build_model("efficientnet_lite0", num_classes=2, in_channels=4, pretrained="imagenet")
     rgb = lite0_state_dict["_conv_stem.weight"]
     stem = model.backbone._conv_stem
-    assert type(stem).__name__ == "Conv2dDynamicSamePadding" and stem.in_channels == 4
+    assert isinstance(stem, Conv2dDynamicSamePadding) and stem.in_channels == 4  # still TF-"same" padding
     assert stem.weight.shape == (32, 4, 3, 3)
     assert torch.equal(stem.weight[:, :3], rgb)
     # documented init: the one extra band gets the mean of the RGB filters / (4 - 3)
@@ -211,3 +212,19 @@ def test_short_runs_get_exact_batch_norm_statistics_on_their_images(aid_root):
     torch.testing.assert_close(bn.running_var, torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0),
                                atol=1e-4, rtol=1e-3)
     assert bn.momentum == pytest.approx(0.01) and not model.training  # settings left as they were
+
+
+@pytest.mark.parametrize("size", [224, 150, 97])
+def test_lite_convolutions_pad_inside_with_the_librarys_numbers(size: int, one_torch_thread) -> None:
+    """build_model swaps the library's same-padding forward for one that lets symmetric padding
+    happen inside the convolution (docs/BENCHMARKS.md); its outputs are the library's, bit for bit."""
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", num_classes=5, pretrained="imagenet").eval()
+    convs = [m for m in model.modules() if isinstance(m, Conv2dDynamicSamePadding)]
+    assert len(convs) == 49 and all(type(m) is not Conv2dDynamicSamePadding for m in convs)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ours = model(x)
+        for module in convs:
+            module.__class__ = Conv2dDynamicSamePadding
+        assert torch.equal(model(x), ours)
