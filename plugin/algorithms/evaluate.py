@@ -42,7 +42,8 @@ class EvaluateAlgorithm(CasdAlgorithm):
             "accuracy, Cohen's kappa and per-class precision, recall and F1 in the log.<br><br>"
             "The report folder receives <i>metrics.json</i>, <i>confusion_matrix.csv</i> and "
             "<i>confusion_matrix.png</i>. Images are prepared exactly as during training, so the "
-            "test accuracy recorded at training is reproduced. Cancel stops between batches and "
+            "test accuracy recorded at training is reproduced. An <i>.onnx</i> export (e.g. int8) "
+            "is evaluated in onnxruntime on the very same images. Cancel stops between batches and "
             "writes nothing."
         )
 

@@ -266,6 +266,24 @@ def test_evaluate_writes_metrics_and_confusion_png(provider, aid_root, tiny_pack
     assert Path(result["CONFUSION_PNG"]).stat().st_size > 1000
 
 
+def test_evaluate_takes_an_onnx_export(provider, aid_root, tiny_package, tmp_path):
+    """The dialog's model field takes .onnx files: the export is evaluated in onnxruntime on the
+    same images, with torch's confusion matrix."""
+    import processing
+
+    from casd_core.onnx.export import export_onnx
+
+    split = _tiny_split(aid_root, tmp_path / "split.csv", classes=30, train=0, test=1)
+    models = {"torch": tiny_package, "onnx": export_onnx(tiny_package, tmp_path / "tiny.onnx")}
+    results = {name: processing.run("casd:evaluate", {
+        "MODEL": str(model), "DATA_FOLDER": str(aid_root), "SPLIT_CSV": str(split), "DEVICE": 1,
+        "OUTPUT_FOLDER": str(tmp_path / name)}) for name, model in models.items()}
+    assert results["onnx"]["OVERALL_ACCURACY"] == results["torch"]["OVERALL_ACCURACY"]
+    assert results["onnx"]["KAPPA"] == results["torch"]["KAPPA"]
+    confusion = {name: (tmp_path / name / "confusion_matrix.csv").read_text() for name in models}
+    assert confusion["onnx"] == confusion["torch"] and confusion["onnx"].count("\n") == 31
+
+
 def test_classify_raster_runs_inside_a_model(provider, rasters, tiny_package, tmp_path):
     """A Graphical Modeler model with the algorithm as a child runs (what the Modeler saves)."""
     import processing
