@@ -128,7 +128,7 @@ def _fold_pads_into_convs(model: Any) -> None:
     The folded "same" padding leaves 17 Pad nodes in front of the strided convs; left alone
     they took ~half of onnxruntime's time (a layout reorder around each fp32 Pad; an int8
     dequantize-pad-quantize round trip around each quantized one), docs/BENCHMARKS.md."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -142,32 +142,39 @@ def _fold_pads_into_convs(model: Any) -> None:
         if pad.op_type != "Pad" or pad.output[0] in outputs or len(consumers.get(pad.output[0], [])) != 1:
             continue
         conv = consumers[pad.output[0]][0]
-        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-        amounts = initializers.get(pad.input[1]) if len(pad.input) > 1 else None
-        value = initializers.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
-        if (conv.op_type != "Conv" or conv.input[0] != pad.output[0] or mode != b"constant" or amounts is None
-                or (len(pad.input) > 2 and pad.input[2] and (value is None or numpy_helper.to_array(value).any()))
+        widths = _spatial_zero_padding(pad, initializers)
+        if (widths is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]
                 or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute)):
             continue
-        widths = numpy_helper.to_array(amounts).astype(np.int64)
-        rank = len(widths) // 2
-        begin, end = widths[:rank], widths[rank:]
-        if rank != 4 or begin[:2].any() or end[:2].any() or (widths < 0).any():
-            continue  # padding the batch or channels, or cropping: not a conv's padding
-        attributes = {a.name: a for a in conv.attribute}
-        old = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
-        pads = [old[0] + begin[2], old[1] + begin[3], old[2] + end[2], old[3] + end[3]]
+        own = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
         kept = [a for a in conv.attribute if a.name != "pads"]
         del conv.attribute[:]
-        conv.attribute.extend(kept + [helper.make_attribute("pads", [int(v) for v in pads])])
+        conv.attribute.extend(kept + [helper.make_attribute("pads", [a + b for a, b in zip(own, widths)])])
         conv.input[0] = pad.input[0]
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
     used = {name for node in graph.node for name in node.input}
-    unused = [tensor for tensor in graph.initializer if tensor.name not in used]
-    for tensor in unused:
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in used]:
         graph.initializer.remove(tensor)
+
+
+def _spatial_zero_padding(pad: Any, initializers: dict[str, Any]) -> list[int] | None:
+    """A Pad's widths in a Conv's ``pads`` order (top, left, bottom, right) when it pads an
+    (N, C, H, W) tensor with constant zeros along H and W only; else ``None``."""
+    from onnx import numpy_helper
+
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant" or len(pad.input) < 2 or pad.input[1] not in initializers:
+        return None
+    if len(pad.input) > 2 and pad.input[2]:  # an explicit fill value: only zero folds
+        value = initializers.get(pad.input[2])
+        if value is None or numpy_helper.to_array(value).any():
+            return None
+    widths = numpy_helper.to_array(initializers[pad.input[1]]).astype(np.int64)
+    if len(widths) != 8 or widths[[0, 1, 4, 5]].any() or (widths < 0).any():
+        return None  # another rank, padding the batch or channels, or cropping
+    return [int(w) for w in widths[[2, 3, 6, 7]]]
 
 
 class _Probabilities:
