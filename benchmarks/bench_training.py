@@ -1,4 +1,5 @@
-"""Training throughput: a plain CE step vs a CS-KD and a CASD step (same backbone, batch, device).
+"""Training throughput: a plain CE step vs a CS-KD and a CASD step (same backbone, batch, device),
+on CPU in both memory layouts (NCHW, and channels_last as the trainer runs it).
 
 CASD forwards and back-propagates three images per anchor (anchor, positive, negative), CS-KD
 two; this measures what that costs per anchor and per image, on real AID images held in memory
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,10 +41,10 @@ def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, tor
     return batch
 
 def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str, device: torch.device,
-                      steps: int, warmup: int) -> tuple[float, float]:
+                      channels_last: bool, steps: int, warmup: int) -> tuple[float, float]:
     loss = build_loss(LossConfig(method=method), 30).to(device)
     model = build_model(backbone, 30, pretrained="imagenet").to(device).train()
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -72,16 +72,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     batch = real_batch(args.batch_size, args.input_size, args.backbone)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    runs = [(torch.device("cpu"), False), (torch.device("cpu"), True)]
+    if torch.cuda.is_available():
+        runs.append((torch.device("cuda"), True))
     print(f"backbone {args.backbone}, batch {args.batch_size} anchors, {args.input_size} px, "
           f"{args.steps} timed steps after {args.warmup} warm-up, torch threads {torch.get_num_threads()}")
-    print(f"{'device':<8}{'method':<8}{'anchors/s':>11}{'images/s':>10}{'anchor cost vs CE':>19}")
-    for device in devices:
+    print(f"{'device':<8}{'layout':<15}{'method':<8}{'anchors/s':>11}{'images/s':>10}{'anchor cost vs CE':>19}"
+          f"{'vs NCHW':>9}")
+    nchw_rates: dict[str, float] = {}
+    for device, channels_last in runs:
         ce_rate = None
+        layout = "channels_last" if channels_last else "NCHW"
         for method in ("ce", "cskd", "casd"):
-            anchors_s, images_s = images_per_second(method, batch, args.backbone, device, args.steps, args.warmup)
+            anchors_s, images_s = images_per_second(method, batch, args.backbone, device, channels_last,
+                                                    args.steps, args.warmup)
             ce_rate = ce_rate or anchors_s
-            print(f"{device.type:<8}{method:<8}{anchors_s:>11.1f}{images_s:>10.1f}{ce_rate / anchors_s:>18.2f}x")
+            if device.type == "cpu" and not channels_last:
+                nchw_rates[method] = anchors_s
+            speedup = f"{anchors_s / nchw_rates[method]:.2f}x" if device.type == "cpu" else ""
+            print(f"{device.type:<8}{layout:<15}{method:<8}{anchors_s:>11.1f}{images_s:>10.1f}"
+                  f"{ce_rate / anchors_s:>18.2f}x{speedup:>9}")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from casd_core.metrics import (classification_report, confusion_matrix, most_con
                                plot_confusion_matrix, save_confusion_csv)
 from casd_core.package import ModelPackage
 from casd_core.progress import Monitor
-from casd_core.runtime import prepare_cpu, resolve_device
+from casd_core.runtime import prefers_channels_last, prepare_cpu, resolve_device
 from casd_core.tta import VIEWS, averaged_probabilities
 
 REPORT_NAME = "metrics.json"
@@ -81,7 +81,7 @@ def predict_outputs(model: torch.nn.Module, dataset: SceneDataset, device: torch
         monitor.check_cancelled()
         end = start + len(truth)
         images = images.to(device, non_blocking=True)
-        if cuda:
+        if prefers_channels_last(device):
             images = images.contiguous(memory_format=torch.channels_last)
         seen: list[torch.Tensor] = []
 
@@ -117,7 +117,7 @@ class OnnxLogits(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        probabilities = self.predictor.predict(batch.cpu().numpy())  # a probability 0 gives -inf: softmax keeps 0
+        probabilities = self.predictor.predict(batch.contiguous().cpu().numpy())  # a probability 0 gives -inf: softmax keeps 0
         return torch.from_numpy(probabilities).log_().mul_(self.predictor.package.temperature).to(batch.device)
 
 
@@ -191,7 +191,7 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     else:
         torch_device = resolve_device(device)
         model = package.build_model().to(torch_device)
-        if torch_device.type == "cuda":
+        if prefers_channels_last(torch_device):
             model = model.to(memory_format=torch.channels_last)
     report = evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
                             temperature=package.temperature, tta=tta)

@@ -53,7 +53,7 @@ from casd_core.models import (batch_norm_lags, build_model, build_model_from_pac
                               package_normalization, recompute_batch_norm)
 from casd_core.package import ModelPackage, default_class_colors
 from casd_core.progress import Monitor
-from casd_core.runtime import prepare_cpu
+from casd_core.runtime import prefers_channels_last, prepare_cpu
 from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
                                 class_similarity_from_confusion)
 
@@ -207,8 +207,7 @@ def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: t
     branches = [k for k in BRANCHES if k in batch]
     images = torch.cat([batch[k] for k in branches]).to(device, non_blocking=True)
     labels = [batch[f"{k}_label"].to(device, non_blocking=True) for k in branches]
-    if cuda:
-        images = images.contiguous(memory_format=torch.channels_last)
+    # no layout change here: the model's own (channels_last where faster) is what convolutions follow
     with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
         logits, features = model(images, return_features=True)
     chunks = logits.float().chunk(len(branches))
@@ -254,8 +253,9 @@ class Trainer:
         self.model = model.to(self.device)
         self.loss = build_loss(cfg.loss, num_classes).to(self.device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        if prefers_channels_last(self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         params = [{"params": self.model.parameters()},
                   {"params": [p for p in self.loss.parameters() if p.requires_grad], "weight_decay": 0.0}]

@@ -41,14 +41,14 @@ class Predictor:
     def __init__(self, package: ModelPackage, device: str = "auto",
                  name: str | None = None) -> None:
         torch = require_torch("running a .safetensors model package")
-        from casd_core.runtime import prepare_cpu, resolve_device
+        from casd_core.runtime import prefers_channels_last, prepare_cpu, resolve_device
 
         self.package = package
         self.device = resolve_device(device)
         self.name = name or package.backbone
         prepare_cpu()
         model = package.build_model().to(self.device)
-        self.channels_last = self.device.type in ("cpu", "cuda")
+        self.channels_last = prefers_channels_last(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
