@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,28 @@ def test_cancel_leaves_no_output(rasters, predictor, tmp_path):
                         TilingConfig(tile_size=30, unit="m"), InferenceConfig(batch_size=4),
                         monitor=monitor)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_model_stops_the_reader_threads_before_the_raster_closes(rasters, predictor, monkeypatch):
+    """An error from the model mid-stream (e.g. an ONNX graph refusing the tile size) joins the
+    reader threads at once, not when the stream is collected: a thread still reading a closed
+    GDAL dataset crashes the process, QGIS with it."""
+    predicted = []
+
+    def failing(staged, tta=False):
+        predicted.append(len(staged))
+        if len(predicted) > 1:
+            raise CasdError("the model failed")
+        return real(staged, tta)
+
+    real = predictor.predict_staged
+    monkeypatch.setattr(predictor, "predict_staged", failing)
+    stream = iter_tile_predictions(rasters / "test_tiled.tif", predictor, TilingConfig(tile_size=30, unit="m"),
+                                   InferenceConfig(batch_size=4, workers=2))
+    with pytest.raises(CasdError, match="the model failed") as failed:
+        list(stream)
+    assert failed.traceback  # held: it keeps the stream's frames, and so its generators, alive
+    assert not [t for t in threading.enumerate() if t.name.startswith("casd-read")]
 
 
 @pytest.fixture()

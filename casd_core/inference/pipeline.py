@@ -272,8 +272,10 @@ class TileStream:
         previous_cache = get_gdal_config("GDAL_CACHEMAX")
         set_gdal_config("GDAL_CACHEMAX", plan.cache_bytes)
         tuner = ThreadTuner(enabled=predictor.device.type == "cpu")
+        loaded = self._loaded_batches(reader)
+        predicted = self._predicted(loaded, tuner)
         try:
-            for batch, probs in self._predicted(self._loaded_batches(reader), tuner):
+            for batch, probs in predicted:
                 monitor.check_cancelled()
                 tiles, fractions, keep = batch.tiles, batch.fractions, batch.keep
                 self.skipped_nodata += len(tiles) - len(keep)
@@ -297,6 +299,11 @@ class TileStream:
                     f"every tile of {plan.name} has more than {plan.nodata_threshold:.0%} nodata, so "
                     f"nothing was labelled; check the nodata value or raise {param('nodata_threshold')}")
         finally:
+            # Join the reader threads before their dataset closes: after an error or a cancel
+            # here, the suspended generators would otherwise only close when collected, and a
+            # thread still reading a closed GDAL dataset crashes the process (QGIS with it).
+            predicted.close()
+            loaded.close()
             reader.close()
             tuner.restore()
             if isinstance(previous_cache, int):
