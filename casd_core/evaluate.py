@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from casd_core.atomic import write_text_atomic
 from casd_core.calibration import expected_calibration_error, reliability_table
-from casd_core.data import SceneDataset, build_transforms, read_split
+from casd_core.data import Sample, SceneDataset, build_transforms, read_split
 from casd_core.errors import CasdError
 from casd_core.metrics import (classification_report, confusion_matrix, most_confused_pairs,
                                plot_confusion_matrix, save_confusion_csv)
@@ -156,6 +156,31 @@ def write_report(report: dict[str, Any], class_names: list[str], out_dir: Path) 
     return paths
 
 
+def evaluate_samples(package: ModelPackage, package_path: str | os.PathLike, samples: list[Sample],
+                     batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None,
+                     tta: bool = False) -> dict[str, Any]:
+    """The report (with its confusion matrix) of ``package`` on ``samples`` (labels in the
+    package's class order), prepared as training's evaluation prepares them; an ``.onnx``
+    ``package_path`` runs in onnxruntime."""
+    transform = build_transforms(package.input_size, package.mean, package.std, train=False)
+    bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
+    dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
+    prepare_cpu()
+    if Path(package_path).suffix.lower() == ".onnx":
+        from casd_core.inference.onnx_backend import OrtPredictor
+
+        # onnxruntime takes numpy batches from the CPU; it picks its own provider from ``device``
+        torch_device = torch.device("cpu")
+        model: torch.nn.Module = OnnxLogits(OrtPredictor.from_file(package_path, device))
+    else:
+        torch_device = resolve_device(device)
+        model = package.build_model().to(torch_device)
+        if prefers_channels_last(torch_device):
+            model = model.to(memory_format=torch.channels_last)
+    return evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
+                          temperature=package.temperature, tta=tta)
+
+
 def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLike,
                      split_csv: str | os.PathLike, split: str = "test", out_dir: str | os.PathLike | None = None,
                      batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None,
@@ -178,23 +203,7 @@ def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLi
     # The CSV's class indices follow its own sorted names; map them onto the package's order.
     to_package = {i: package.class_names.index(name) for i, name in enumerate(class_names)}
     samples = [type(s)(s.path, to_package[s.label]) for s in splits[split]]
-    transform = build_transforms(package.input_size, package.mean, package.std, train=False)
-    bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
-    dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
-    prepare_cpu()
-    if Path(package_path).suffix.lower() == ".onnx":
-        from casd_core.inference.onnx_backend import OrtPredictor
-
-        # onnxruntime takes numpy batches from the CPU; it picks its own provider from ``device``
-        torch_device = torch.device("cpu")
-        model: torch.nn.Module = OnnxLogits(OrtPredictor.from_file(package_path, device))
-    else:
-        torch_device = resolve_device(device)
-        model = package.build_model().to(torch_device)
-        if prefers_channels_last(torch_device):
-            model = model.to(memory_format=torch.channels_last)
-    report = evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
-                            temperature=package.temperature, tta=tta)
+    report = evaluate_samples(package, package_path, samples, batch_size, device, monitor, tta)
     report = {"model": str(package_path), "split": split, "split_csv": str(split_csv),
               "temperature": package.temperature, "tta": tta, **report}
     if out_dir is not None:

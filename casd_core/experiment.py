@@ -7,6 +7,8 @@ Paths ``data`` and ``split`` are relative to the data root (``$CASD_DATA``). Eac
 into ``<runs>/<row name>/seed<k>/`` and resumes there after an interruption; finished seeds
 are skipped, so a study can be spread over many short sessions. ``run_parallel`` trains several
 seeds at once in child processes (a GPU is rarely saturated by one small-batch run).
+``evaluate_tta`` scores a finished seed's test rows once more with test-time augmentation, for
+the table's TTA column.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from casd_core.atomic import write_text_atomic
 from casd_core.data import default_data_root
 from casd_core.errors import CasdError
 from casd_core.losses import LossConfig
 from casd_core.progress import Monitor
 from casd_core.train import METRICS_LOG_NAME, RESULT_NAME, TrainConfig, train
+
+TTA_NAME = "tta.json"  # a seed's test scores with test-time augmentation (evaluate_tta)
 
 
 @dataclass
@@ -142,15 +147,42 @@ def _start_seed(row: Row, seed: int, runs_dir: Path, data_root: Path | None, dev
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
+def evaluate_tta(row: Row, seed: int, runs_dir: Path, data_root: Path | None = None, device: str = "auto",
+                 monitor: Monitor | None = None) -> dict[str, Any]:
+    """Test OA and kappa of a finished seed with test-time augmentation (the 8 flips and turns,
+    8x an evaluation's cost) on the test rows its training scored, computed once and kept in
+    the run's ``tta.json``."""
+    from casd_core.calibration import replayed_rows
+    from casd_core.evaluate import evaluate_samples
+    from casd_core.package import ModelPackage
+
+    path = row.run_dir(runs_dir, seed) / TTA_NAME
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = train_config(row, seed, runs_dir, data_root, device)
+    package_path = cfg.out_dir / cfg.package_name
+    package = ModelPackage.load(package_path)
+    test = replayed_rows(package, package_path, cfg.data_root, cfg.split_csv).test
+    if not test:
+        raise CasdError(f"experiment {row.name!r} has no test rows to score with TTA; give it a split CSV")
+    report = evaluate_samples(package, package_path, test, device=device, monitor=monitor, tta=True)
+    scores = {key: report[key] for key in ("overall_accuracy", "kappa", "num_samples")}
+    write_text_atomic(json.dumps(scores, indent=2), path)
+    return scores
+
+
 def seed_summary(run_dir: Path) -> dict[str, Any]:
-    """Test OA/kappa, best validation OA, training time and throughput of one finished run."""
+    """Test OA/kappa (also with TTA, once evaluated), best validation OA, training time and
+    throughput of one finished run."""
     result = json.loads((run_dir / RESULT_NAME).read_text())
     history = [json.loads(line) for line in (run_dir / METRICS_LOG_NAME).read_text().splitlines()]
     test = result["metrics"].get("test", {})
+    tta = json.loads((run_dir / TTA_NAME).read_text()) if (run_dir / TTA_NAME).is_file() else {}
     return {
         "seed": result["seed"],
         "overall_accuracy": test.get("overall_accuracy"),
         "kappa": test.get("kappa"),
+        "tta_accuracy": tta.get("overall_accuracy"),
         "val_accuracy": result["metrics"]["validation"]["overall_accuracy"],
         "train_seconds": sum(entry["epoch_seconds"] for entry in history),
         "images_per_s": statistics.fmean(entry["images_per_s"] for entry in history),
@@ -164,17 +196,25 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summary_table(rows: list[Row], runs_dir: Path) -> str:
-    """A Markdown table: mean ± std over the finished seeds of every row (test split)."""
-    lines = ["| row | method | seeds done | OA % | kappa × 100 | val OA % | train min/seed | images/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """A Markdown table: mean ± std over the finished seeds of every row (test split); a TTA
+    column once any seed has been scored with it (over the seeds that have)."""
+    done_of = {row.name: [seed_summary(row.run_dir(runs_dir, seed)) for seed in row.seeds
+                          if row.finished(runs_dir, seed)] for row in rows}
+    with_tta = any(d["tta_accuracy"] is not None for done in done_of.values() for d in done)
+    tta_head, tta_rule = (" TTA OA % |", "---|") if with_tta else ("", "")
+    lines = [f"| row | method | seeds done | OA % |{tta_head} kappa × 100 | val OA % | train min/seed | images/s |",
+             f"|---|---|---|---|{tta_rule}---|---|---|---|"]
     for row in rows:
-        done = [seed_summary(row.run_dir(runs_dir, seed)) for seed in row.seeds if row.finished(runs_dir, seed)]
+        done = done_of[row.name]
         if not done:
-            lines.append(f"| {row.name} | {row.settings.get('method', 'casd')} | 0/{len(row.seeds)} | — | — | — | — | — |")
+            lines.append(f"| {row.name} | {row.settings.get('method', 'casd')} | 0/{len(row.seeds)} | — |"
+                         f"{' — |' if with_tta else ''} — | — | — | — |")
             continue
+        tta = [d["tta_accuracy"] for d in done if d["tta_accuracy"] is not None]
+        tta_cell = f" {_mean_std(tta)} |" if with_tta else ""
         lines.append(
             f"| {row.name} | {row.settings.get('method', 'casd')} | {len(done)}/{len(row.seeds)} "
-            f"| {_mean_std([d['overall_accuracy'] for d in done])} | {_mean_std([d['kappa'] for d in done])} "
+            f"| {_mean_std([d['overall_accuracy'] for d in done])} |{tta_cell} {_mean_std([d['kappa'] for d in done])} "
             f"| {_mean_std([d['val_accuracy'] for d in done])} "
             f"| {statistics.fmean(d['train_seconds'] for d in done) / 60:.1f} "
             f"| {statistics.fmean(d['images_per_s'] for d in done):.1f} |")

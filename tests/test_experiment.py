@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,16 @@ def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tm
     # finished seeds are not started again
     assert main(argv) == 0
     assert not any(line.startswith("started") for line in capsys.readouterr().out.splitlines())
+    # --tta scores the finished seeds' test rows once more with the 8 views, once, into a column
+    summary = ["experiment", str(row), "--runs", str(runs), "--data", str(shared_data), "--summary-only", "--tta"]
+    assert main(summary) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3].startswith("| row | method | seeds done | OA % | TTA OA % |")
+    tta = [json.loads((runs / "tiny" / f"seed{seed}" / "tta.json").read_text()) for seed in (0, 1)]
+    assert [scores["num_samples"] for scores in tta] == [90, 90]  # 3 test images of each of the 30 classes
+    assert f"tiny seed 0: test OA with TTA {100 * tta[0]['overall_accuracy']:.2f} %" in out
+    accuracies = [100 * scores["overall_accuracy"] for scores in tta]
+    assert out[-1].split(" | ")[4] == f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"
+    scored = (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns
+    assert main(summary) == 0  # kept, not computed again
+    assert (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns == scored

@@ -226,7 +226,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from casd_core.experiment import load_row, run_parallel, run_row, summary_table
+    from casd_core.experiment import evaluate_tta, load_row, run_parallel, run_row, summary_table
 
     rows = [load_row(path) for path in args.rows]
     if args.seeds is not None:
@@ -240,6 +240,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"== {row.name}: seeds {row.seeds}")
             run_row(row, args.runs, args.data_root, args.device, workers=args.loader_workers)
+    if args.tta:
+        for row in rows:
+            for seed in (seed for seed in row.seeds if row.finished(args.runs, seed)):
+                scores = evaluate_tta(row, seed, args.runs, args.data_root, args.device)
+                print(f"{row.name} seed {seed}: test OA with TTA {100 * scores['overall_accuracy']:.2f} %")
     print(summary_table(rows, args.runs))
     return 0
 
@@ -260,4 +265,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train this many seeds at once, each in its own process (e.g. 4 on one GPU)")
     p.add_argument("--loader-workers", type=int,
                    help="data-loading processes per run (default: 8 on CUDA, 1 on CPU)")
-    p.add_argument("--summary-only", action="store_true", help="only print the table of what is finished")
+    p.add_argument("--summary-only", action="store_true", help="train nothing: only print the table of what is finished (with --tta, score that first)")
+    p.add_argument("--tta", action="store_true",
+                   help="also score each finished seed's test rows with test-time augmentation (8 views: 8x an "
+                        "evaluation; once per seed, kept in its tta.json) for a TTA column")
