@@ -1,12 +1,16 @@
 """The result layer's QGIS style: categorised on ``class_name``, in the package's colours and
-class names, as QML; and storing it in a GeoPackage the way QGIS does (``layer_styles``)."""
+class names, as QML; and storing it in a GeoPackage the way QGIS does (``layer_styles``).
+Class colours: the analyst's where known (a chip folder's ``classes.json``), defaults otherwise."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sqlite3
 import zlib
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Mapping
 from xml.sax.saxutils import quoteattr
 
 # Colours that read naturally on a map for the AID classes; other classes get a palette colour.
@@ -32,6 +36,54 @@ PALETTE = [
 def default_class_colors(class_names: list[str]) -> list[str]:
     """A map-friendly colour per class: fixed ones for AID classes, a palette otherwise."""
     return [AID_COLORS.get(name, PALETTE[i % len(PALETTE)]) for i, name in enumerate(class_names)]
+
+
+# Beside a chip folder's split.csv: the colour of each class of its chips, which the model
+# trained on them keeps (``{"classes": [{"name": ..., "folder": ..., "color": "#rrggbb"}, ...]}``).
+CLASSES_FILE = "classes.json"
+_HEX_COLOR = re.compile(r"#[0-9a-f]{6}")
+
+
+def normalized_color(value: Any) -> str | None:
+    """``value`` as ``#rrggbb`` in lower case when it is such a colour (any case, spaces
+    around), else ``None``."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    return text if _HEX_COLOR.fullmatch(text) else None
+
+
+def class_colors_for(class_names: list[str], colors: Mapping[str, str] | None = None) -> list[str]:
+    """A colour per class: the one ``colors`` gives it (the analyst's), else the default."""
+    colors = colors or {}
+    return [colors.get(name, default) for name, default in zip(class_names, default_class_colors(class_names))]
+
+
+def training_class_colors(class_names: list[str], split_csv: Path | None, data_root: Path,
+                          warn: Callable[[str], None] | None = None) -> list[str]:
+    """The colours a model trained on ``class_names`` keeps: those the :data:`CLASSES_FILE`
+    beside ``split_csv`` (in ``data_root`` without one) gives a class, by name or by folder
+    (a class-folder tree's classes are its folder names), the defaults for the rest.
+
+    A file that cannot be read is reported through ``warn`` and left out: it is read at the end
+    of a training run, and colours are never worth failing a run for.
+    """
+    path = (Path(split_csv).parent if split_csv else Path(data_root)) / CLASSES_FILE
+    if not path.is_file():
+        return class_colors_for(class_names)
+    colors: dict[str, str] = {}
+    try:
+        for entry in json.loads(path.read_text(encoding="utf-8"))["classes"]:
+            color = normalized_color(entry.get("color"))
+            if color is None:
+                raise ValueError(f"class {entry.get('name')!r} has no #rrggbb colour")
+            if entry.get("folder"):
+                colors.setdefault(str(entry["folder"]), color)
+            colors[str(entry["name"])] = color  # a class's own name wins over another's folder
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        if warn is not None:
+            warn(f"{path} is not a class colour file casd chips writes ({error}); the model gets the "
+                 "default class colours")
+        return class_colors_for(class_names)
+    return class_colors_for(class_names, colors)
 
 
 def class_color(name: str, package: Any | None = None) -> str:

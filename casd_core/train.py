@@ -51,11 +51,12 @@ from casd_core.finetune import (check_backbone, keep_batch_norm_statistics, reso
 from casd_core.losses import AFTER_STUDY, LossConfig, build_loss
 from casd_core.models import (batch_norm_lags, build_model, build_model_from_package, default_normalization,
                               package_normalization, recompute_batch_norm)
-from casd_core.package import ModelPackage, default_class_colors
+from casd_core.package import ModelPackage
 from casd_core.progress import Monitor
 from casd_core.runtime import prefers_channels_last, prepare_cpu
 from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
                                 class_similarity_from_confusion)
+from casd_core.style import training_class_colors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
@@ -519,7 +520,8 @@ class Trainer:
         package = ModelPackage(
             backbone=self.cfg.backbone,
             class_names=self.data.class_names,
-            class_colors=default_class_colors(self.data.class_names),
+            class_colors=training_class_colors(self.data.class_names, self.cfg.split_csv, self.cfg.data_root,
+                                               self.monitor.warn),
             bands=self.data.bands,
             input_size=self.cfg.input_size,
             mean=self.data.mean, std=self.data.std, value_scale=self.data.value_scale,

@@ -37,6 +37,7 @@ from casd_core.cli import build_parser, main
 from casd_core.data import read_split
 from casd_core.errors import Cancelled, CasdError
 from casd_core.progress import Monitor
+from casd_core.style import class_colors_for, training_class_colors
 
 CELL, N = 150, 6
 X0, Y0 = 500000.0, 5000000.0
@@ -408,7 +409,8 @@ def test_cli_help_shows_the_config_defaults(capsys):
     parser = build_parser()
     action = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     chips = action.choices["chips"]
-    defaults = {name: field.default for name, field in ChipConfig.__dataclass_fields__.items()}
+    defaults = {name: field.default for name, field in ChipConfig.__dataclass_fields__.items()
+                if name != "class_colors"}  # read from the --color-field of the labels
     checked = 0
     for a in chips._actions:
         if a.dest in defaults:
@@ -419,3 +421,132 @@ def test_cli_help_shows_the_config_defaults(capsys):
         parser.parse_args(["chips", "--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+# -- the analyst's class colours -------------------------------------------------------------
+
+ANALYST = {"built-up": "#C0392B", "water": "#2e86c1", "vegetation": "#1E8449"}  # transport / roads: none
+
+
+def expected_colors(given: dict[str, str]) -> dict[str, str]:
+    """Each class's colour: the analyst's (as #rrggbb in lower case), else the default."""
+    names = sorted(TAXONOMY)
+    return {name: given.get(name, default).lower() for name, default in zip(names, class_colors_for(names))}
+
+
+def index_colors(out: Path) -> dict[str, str]:
+    """Class → #rrggbb of the categories in the style chips.gpkg carries for QGIS."""
+    import sqlite3
+    import xml.etree.ElementTree as ElementTree
+
+    with sqlite3.connect(out / "chips.gpkg") as con:
+        qml = con.execute("SELECT styleQML FROM layer_styles WHERE f_table_name = 'chips'").fetchone()[0]
+    renderer = ElementTree.fromstring(qml).find("renderer-v2")
+    fill = {symbol.get("name"): symbol.find("layer/Option/Option[@name='color']").get("value")
+            for symbol in renderer.find("symbols")}
+    return {category.get("value"): "#{:02x}{:02x}{:02x}".format(*map(int, fill[category.get("symbol")].split(",")[:3]))
+            for category in renderer.find("categories") if category.get("value") != "uncertain"}
+
+
+def classes_json(out: Path) -> dict[str, str]:
+    import json
+
+    return {c["name"]: c["color"] for c in json.loads((out / "classes.json").read_text())["classes"]}
+
+
+def test_class_colors_style_the_index_and_go_to_classes_json(world, tmp_path):
+    import json
+
+    out = tmp_path / "coloured"
+    make_chips([world["rgb"]], world["labels"], "class", out,
+               ChipConfig(**{**vars(TILE), "class_colors": {**ANALYST, "glacier": "#ffffff"}}))
+    assert classes_json(out) == index_colors(out) == expected_colors(ANALYST)  # glacier: no chips, left out
+    folders = {c["name"]: c["folder"] for c in json.loads((out / "classes.json").read_text())["classes"]}
+    assert folders == folder_names(sorted(TAXONOMY))
+    # a model trained on the chips keeps them: by class name beside split.csv, by folder without it
+    assert training_class_colors(sorted(TAXONOMY), out / "split.csv", out) == list(expected_colors(ANALYST).values())
+    by_folder = sorted(folders.values())
+    assert training_class_colors(by_folder, None, out) == [
+        expected_colors(ANALYST)[next(n for n, f in folders.items() if f == folder)] for folder in by_folder]
+
+    warnings = []
+    (out / "classes.json").write_text('{"classes": [{"name": "water", "color": "blue"}]}')
+    assert training_class_colors(sorted(TAXONOMY), out / "split.csv", out, warnings.append) == class_colors_for(
+        sorted(TAXONOMY))
+    assert len(warnings) == 1 and "classes.json" in warnings[0] and "default class colours" in warnings[0]
+
+    make_chips([world["rgb"]], world["labels"], "class", out, ChipConfig(**{**vars(TILE), "overwrite": True}))
+    assert not (out / "classes.json").exists(), "a stale classes.json is removed with the chips"
+    assert index_colors(out) == expected_colors({})
+
+    with pytest.raises(CasdError) as error:
+        make_chips([world["rgb"]], world["labels"], "class", tmp_path / "bad",
+                   ChipConfig(**{**vars(TILE), "class_colors": {"water": "blue"}}))
+    assert error.value.params == ["class_colors"] and "'blue'" in str(error.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def write_coloured_labels(path: Path, colors: dict[int, str]) -> Path:
+    """The labels of POLYGONS (EPSG:32633) with a ``color`` field: ``colors`` by FID, else empty."""
+    pyogrio.raw.write(str(path), np.array(shapely.to_wkb([g for _, _, g in POLYGONS]), dtype=object),
+                      [np.array([c for _, c, _ in POLYGONS], dtype=object),
+                       np.array([colors.get(fid, "") for fid, _, _ in POLYGONS], dtype=object)],
+                      ["class", "color"], driver="GPKG", geometry_type="Polygon", crs=CRS_UTM)
+    return path
+
+
+def test_cli_reads_each_class_colour_from_the_color_field(world, tmp_path, capsys):
+    # every polygon of a class in its colour (any case, spaces around), transport / roads without;
+    # the unclassed polygon 10's colour belongs to no class
+    colors = {fid: ANALYST[name] for fid, name, _ in POLYGONS if name in ANALYST}
+    colors.update({3: " #2E86C1 ", 10: "#000000"})
+    labels = write_coloured_labels(tmp_path / "coloured.gpkg", colors)
+    base = ["chips", str(world["rgb"]), "--labels", str(labels), "--class-field", "class", "--tile-size", "150",
+            "--unit", "px", "--quiet"]
+    assert main([*base, "-o", str(tmp_path / "cli"), "--color-field", "color"]) == 0
+    assert classes_json(tmp_path / "cli") == index_colors(tmp_path / "cli") == expected_colors(ANALYST)
+    assert main([*base, "-o", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "classes.json").exists()
+    capsys.readouterr()
+
+    for case, more, said in [
+            ("two colours", {8: "#0000ff"}, ["'water'", "#2e86c1", "#0000ff", "feature 8"]),
+            ("not a colour", {5: "green"}, ["'green'", "feature 5", "#rrggbb"]),
+            ("no such field", {}, ["'colour'", "its fields"])]:
+        labels = write_coloured_labels(tmp_path / "bad.gpkg", {**colors, **more})
+        out = tmp_path / case.replace(" ", "_")
+        code = main([*base, "--labels", str(labels), "-o", str(out),
+                     "--color-field", "colour" if case == "no such field" else "color"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "--color-field" in err, (case, err)
+        assert all(text in err for text in said) and "Traceback" not in err, (case, err)
+        assert not out.exists()
+
+
+def test_a_model_trained_on_coloured_chips_keeps_the_colours_and_a_run_resumes(world, tmp_path, one_torch_thread):
+    """Colours are not a training setting: chips re-cut with colours resume the run cut without."""
+    from casd_core.package import ModelPackage
+    from casd_core.train import TrainConfig, train
+
+    chips_dir, run = tmp_path / "chips", tmp_path / "run"
+    make_chips([world["rgb"]], world["labels"], "class", chips_dir, ChipConfig(**vars(TILE)))
+    split = (chips_dir / "split.csv").read_text()
+    config = TrainConfig(data_root=chips_dir, split_csv=chips_dir / "split.csv", out_dir=run, method="ce",
+                         pretrained=None, epochs=2, batch_size=8, input_size=32, val_fraction=0.25, device="cpu",
+                         workers=0)
+    items: list[str] = []
+    monitor = Monitor(on_progress=lambda event: items.append(event.item),
+                      is_cancelled=lambda: any(item.startswith("epoch 2/") for item in items))
+    with pytest.raises(Cancelled):
+        train(config, monitor)
+    first_epoch = (run / "metrics.jsonl").read_text()
+    assert len(first_epoch.splitlines()) == 1
+
+    make_chips([world["rgb"]], world["labels"], "class", chips_dir,
+               ChipConfig(**{**vars(TILE), "class_colors": ANALYST, "overwrite": True}))
+    assert (chips_dir / "split.csv").read_text() == split
+    result = train(config)
+    history = (run / "metrics.jsonl").read_text()
+    assert history.startswith(first_epoch) and len(history.splitlines()) == 2  # resumed, not refused
+    package = ModelPackage.load(result.package_path)
+    assert dict(zip(package.class_names, package.class_colors)) == expected_colors(ANALYST)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from casd_core.errors import CasdError, param, render_params
+from casd_core.style import normalized_color
 from casd_core.tiling import TilingConfig
 
 SPLIT_BY = ("polygon", "block")
@@ -34,6 +35,10 @@ class ChipConfig:
     (so it cannot have a spatial test split), is reported as too few. ``overwrite`` lets a
     non-empty output folder be used: the chips, index and split of an earlier run (as listed
     in its ``split.csv`` and ``chips.gpkg``) are removed first.
+
+    ``class_colors`` (class name → ``#rrggbb``, any case: the analyst's colours, e.g. of the
+    labels layer's style) colour the classes it names in ``chips.gpkg``, and are written to
+    ``classes.json`` for the model trained on the chips to keep; other classes get defaults.
     """
 
     tile_size: float | None = None
@@ -49,6 +54,7 @@ class ChipConfig:
     seed: int = 0
     min_chips: int = 10
     overwrite: bool = False
+    class_colors: dict[str, str] | None = None
 
     def tiling(self, tile_size: float | None = None, unit: str | None = None) -> TilingConfig:
         return TilingConfig(tile_size=self.tile_size if tile_size is None else tile_size,
@@ -73,6 +79,10 @@ class ChipConfig:
                             "e.g. 0.2")
         if int(self.min_chips) != self.min_chips or self.min_chips < 1:
             raise CasdError(f"{param('min_chips')} {self.min_chips} must be a whole number of at least 1")
+        for name, color in (self.class_colors or {}).items():
+            if normalized_color(color) is None:
+                raise CasdError(f"{param('class_colors')} gives class {name!r} the colour {color!r}; give "
+                                "each class a colour as #rrggbb, e.g. #1b7837")
 
 
 @dataclass

@@ -18,12 +18,13 @@ from rasterio.crs import CRS
 
 from casd_core.chips.config import ChipConfig, ChipSummary, ClassChips
 from casd_core.chips.grid import Candidate, find_candidates
-from casd_core.chips.labels import Labels, folder_names, read_labels
+from casd_core.chips.labels import Labels, class_text, folder_names, read_labels
 from casd_core.chips.split import block_groups, group_split, polygon_groups
 from casd_core.chips.write import (INDEX_NAME, SPLIT_NAME, clear_previous, nodata_fraction, write_chip,
-                                   write_index, write_split)
+                                   write_classes, write_index, write_split)
 from casd_core.errors import CasdError, param
 from casd_core.progress import Monitor
+from casd_core.style import CLASSES_FILE, class_colors_for, normalized_color
 from casd_core.tiling import pixel_size_m, resolve_tile_size, tile_grid, window_polygon
 
 FALLBACK_TILE = (224.0, "px")  # when there is no model to take a footprint from
@@ -38,7 +39,9 @@ def make_chips(rasters: Sequence[str | os.PathLike], labels: str | os.PathLike, 
     in the source dtype), ``out_dir/chips.gpkg`` (each chip's footprint, class, split, group,
     polygon and coverage; in the rasters' CRS, or EPSG:4326 when they differ) and
     ``out_dir/split.csv`` (``path,label,split,group``, a spatial train/test split; see
-    :mod:`casd_core.chips.split`). ``out_dir`` must be empty unless ``config.overwrite``.
+    :mod:`casd_core.chips.split`), and with ``config.class_colors`` ``out_dir/classes.json``
+    (each class's colour, which the index is styled with and a model trained on the chips
+    keeps). ``out_dir`` must be empty unless ``config.overwrite``.
     A cancel or an error removes the chips this call wrote. Raises :class:`CasdError` for bad
     input and when no chip at all could be made.
     """
@@ -143,10 +146,15 @@ def _finish(out_dir: Path, paths: list[Path], stems: list[str], labelled: Labels
     index_crs = crss[0] if same_crs else CRS.from_epsg(4326)
     footprints = [c.footprint if same_crs else _to_crs(c.footprint, crss[k], index_crs) for k, c, _ in chips]
     settings = {**asdict(config), "tile": tile, "rasters": [str(p) for p in paths], "labels": str(labelled.path)}
-    write_index(records, footprints, out_dir / INDEX_NAME, index_crs, sorted(set(labels)), settings)
+    names = sorted(set(labels))
+    analyst = {class_text(name): normalized_color(color) for name, color in (config.class_colors or {}).items()}
+    colors = class_colors_for(names, analyst)
+    if analyst.keys() & set(names):  # the analyst's colours, for the model trained on these chips
+        write_classes(names, colors, folders, out_dir / CLASSES_FILE)
+    write_index(records, footprints, out_dir / INDEX_NAME, index_crs, names, colors, settings)
     write_split(rows, out_dir / SPLIT_NAME)
 
-    classes = {name: ClassChips(folders[name]) for name in sorted(set(labels))}
+    classes = {name: ClassChips(folders[name]) for name in names}
     for label, s in zip(labels, split):
         setattr(classes[label], s, getattr(classes[label], s) + 1)
     for name in classes:
@@ -267,7 +275,7 @@ def _remove_written(written: list[Path], out_dir: Path) -> None:
     for folder in {p.parent for p in written}:
         with contextlib.suppress(OSError):
             folder.rmdir()
-    for name in (INDEX_NAME, SPLIT_NAME):  # written last, so present only when the run got there
+    for name in (CLASSES_FILE, INDEX_NAME, SPLIT_NAME):  # written last: present only when the run got there
         if written:
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / name).unlink()

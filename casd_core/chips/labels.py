@@ -1,5 +1,5 @@
 """The labelled polygons: read from any vector file GDAL reads, reprojected to each raster's
-CRS, and their class names turned into safe folder names."""
+CRS, and their class names turned into safe folder names; each class's colour from a field."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from casd_core.errors import CasdError, param
+from casd_core.style import normalized_color
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
@@ -78,7 +79,8 @@ def _polygonal(geometry: BaseGeometry) -> BaseGeometry:
     return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
-def _class_text(value: Any) -> str | None:
+def class_text(value: Any) -> str | None:
+    """A class field's value as the class name (stripped text; ``None`` when empty)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
     if isinstance(value, np.generic):
@@ -95,31 +97,12 @@ def read_labels(path: str | Path, class_field: str) -> Labels:
     Raises :class:`CasdError` (naming the setting) for a missing file, a file that is not a
     vector layer, a missing field, and a layer without a labelled polygon.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        import pyogrio
-        import pyogrio.raw
-
     path = Path(path)
-    if not path.exists():
-        raise CasdError(f"{param('labels')} {path} does not exist; check the path")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
-            info = pyogrio.read_info(str(path))
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        reason = str(exc).split("\n")[0]
-        raise CasdError(f"{param('labels')} {path.name} is not a vector file GDAL can read ({reason}); "
-                        "pass a GeoPackage, GeoJSON or shapefile with polygons") from None
-    fields = [str(f) for f in info["fields"]]
-    if class_field not in fields:
-        near = [f for f in fields if f.lower() == class_field.lower()]
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        listed = f"its fields: {', '.join(fields)}" if fields else "it has no attribute fields"
-        raise CasdError(f"{param('class_field')} {class_field!r} is not a field of {path.name} ({listed}); "
-                        f"{hint}name the field that holds the class")
+    _check_field(_fields(path), class_field, "class_field", path, "the class")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
+        import pyogrio.raw
+
         meta, fids, geometry, data = pyogrio.raw.read(str(path), columns=[class_field], return_fids=True)
     crs = meta.get("crs")
     if crs is not None:
@@ -137,7 +120,7 @@ def read_labels(path: str | Path, class_field: str) -> Labels:
     ids, classes, polygons = [], [], []
     for fid, shape, value in zip(fids, shapes, data[0] if data else [None] * len(shapes)):
         polygon = None if shape is None or shape.is_empty else _polygonal(shape)
-        name = _class_text(value)
+        name = class_text(value)
         if polygon is None or polygon.is_empty or polygon.area <= 0:
             reason = "not a polygon (points, lines or empty geometries)"
         elif name is None:
@@ -156,6 +139,74 @@ def read_labels(path: str | Path, class_field: str) -> Labels:
                         "examples of each class")
     return Labels(path, crs, np.asarray(ids, dtype=np.int64), np.asarray(classes, dtype=object),
                   np.asarray(polygons, dtype=object), skipped)
+
+
+def _fields(path: Path) -> list[str]:
+    """The attribute fields of the labels file's first layer; :class:`CasdError` for a file
+    that is missing or not a vector file GDAL reads."""
+    if not path.exists():
+        raise CasdError(f"{param('labels')} {path} does not exist; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
+            import pyogrio
+
+            info = pyogrio.read_info(str(path))
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for unreadable files
+        reason = str(exc).split("\n")[0]
+        raise CasdError(f"{param('labels')} {path.name} is not a vector file GDAL can read ({reason}); "
+                        "pass a GeoPackage, GeoJSON or shapefile with polygons") from None
+    return [str(f) for f in info["fields"]]
+
+
+def _check_field(fields: list[str], name: str, key: str, path: Path, holds: str) -> None:
+    """Raise :class:`CasdError` naming setting ``key`` when ``name`` is not one of ``fields``."""
+    if name in fields:
+        return
+    near = [f for f in fields if f.lower() == name.lower()]
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    listed = f"its fields: {', '.join(fields)}" if fields else "it has no attribute fields"
+    raise CasdError(f"{param(key)} {name!r} is not a field of {path.name} ({listed}); "
+                    f"{hint}name the field that holds {holds}")
+
+
+def read_class_colors(path: str | Path, class_field: str, color_field: str) -> dict[str, str]:
+    """Each class's colour (``#rrggbb``) from the per-feature ``color_field`` of the labels
+    ``path`` (features with an empty class or colour give none).
+
+    Raises :class:`CasdError` naming the setting for a missing field, a value that is not a
+    ``#rrggbb`` colour, and a class given two different colours.
+    """
+    path = Path(path)
+    fields = _fields(path)
+    _check_field(fields, class_field, "class_field", path, "the class")
+    _check_field(fields, color_field, "color_field", path, "each polygon's colour (#rrggbb)")
+    if color_field == class_field:
+        raise CasdError(f"{param('color_field')} {color_field!r} is the {param('class_field')}; name the field "
+                        "that holds each polygon's colour (#rrggbb)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
+        import pyogrio.raw
+
+        meta, fids, _, data = pyogrio.raw.read(str(path), columns=[class_field, color_field], read_geometry=False,
+                                               return_fids=True)
+    columns = dict(zip(meta["fields"], data))
+    classes, values = columns[class_field], columns[color_field]
+    colors: dict[str, tuple[str, int]] = {}  # class -> (colour, the first feature that gave it)
+    for fid, value, text in zip(fids if fids is not None else range(len(classes)), classes, values):
+        name, raw = class_text(value), class_text(text)
+        if name is None or raw is None:
+            continue
+        color = normalized_color(raw)
+        if color is None:
+            raise CasdError(f"{param('color_field')} {color_field!r} of feature {int(fid)} of {path.name} holds "
+                            f"{raw!r}, not a colour; write colours as #rrggbb, e.g. #1b7837")
+        first = colors.setdefault(name, (color, int(fid)))
+        if first[0] != color:
+            raise CasdError(f"class {name!r} has two colours in {param('color_field')} {color_field!r} of "
+                            f"{path.name}: {first[0]} (feature {first[1]}) and {color} (feature {int(fid)}); "
+                            "give each class one colour")
+    return {name: color for name, (color, _) in colors.items()}
 
 
 def folder_names(class_names: list[str]) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Writing a chip folder: GeoTIFF chips, the ``chips.gpkg`` index, ``split.csv``, and clearing
-what an earlier run wrote there.
+"""Writing a chip folder: GeoTIFF chips, the ``chips.gpkg`` index, ``split.csv``, the class
+colours ``classes.json``, and clearing what an earlier run wrote there.
 
 A chip is a windowed copy of its raster: every band in the source dtype, the window's
 transform, the same CRS, nodata value, colour interpretation, band descriptions and (when the
@@ -25,6 +25,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from casd_core.atomic import atomic_output, remove_stale_partials, write_text_atomic
+from casd_core.style import CLASSES_FILE
 
 INDEX_NAME = "chips.gpkg"
 SPLIT_NAME = "split.csv"
@@ -96,24 +97,30 @@ def write_split(rows: Iterable[Sequence[str]], path: Path) -> None:
 
 
 def write_index(records: list[dict[str, Any]], footprints: list[Any], path: Path, crs: Any,
-                class_names: list[str], settings: dict[str, Any]) -> None:
-    """``chips.gpkg``: one footprint per chip, styled by class in QGIS (the model package's
-    colours for known class names, a palette otherwise)."""
-    from casd_core.package import default_class_colors
+                class_names: list[str], class_colors: list[str], settings: dict[str, Any]) -> None:
+    """``chips.gpkg``: one footprint per chip, styled by class in QGIS in ``class_colors``."""
     from casd_core.vectorio import FeatureColumns, write_layer
 
     columns = FeatureColumns(INDEX_FIELDS)
     for footprint, record in zip(footprints, records):
         columns.append(footprint, record)
-    style = SimpleNamespace(class_names=class_names, class_colors=default_class_colors(class_names))
+    style = SimpleNamespace(class_names=class_names, class_colors=class_colors)
     write_layer(columns, path, crs, "gpkg", style,
                 metadata={"casd_chips": json.dumps(settings, sort_keys=True, default=str)})
 
 
+def write_classes(class_names: list[str], class_colors: list[str], folders: dict[str, str], path: Path) -> None:
+    """``classes.json``: each class's name, folder and colour (``#rrggbb``), which
+    :func:`casd_core.style.training_class_colors` gives the model trained on the chips."""
+    classes = [{"name": name, "folder": folders[name], "color": color}
+               for name, color in zip(class_names, class_colors)]
+    write_text_atomic(json.dumps({"classes": classes}, indent=2, ensure_ascii=False) + "\n", path)
+
+
 def clear_previous(out_dir: Path) -> int:
-    """Remove the chips, index and split an earlier run wrote into ``out_dir`` (those its
-    ``split.csv`` and ``chips.gpkg`` list, then the class folders left empty), and stale
-    partial files. Files the runs did not write stay. Returns the number of files removed."""
+    """Remove the chips, index, split and class colours an earlier run wrote into ``out_dir``
+    (the chips its ``split.csv`` and ``chips.gpkg`` list, then the class folders left empty),
+    and stale partial files. Files the runs did not write stay. Returns the number of files removed."""
     listed: set[Path] = set()
     split = out_dir / SPLIT_NAME
     with contextlib.suppress(OSError, csv.Error, KeyError):
@@ -129,7 +136,7 @@ def clear_previous(out_dir: Path) -> int:
         listed.update(out_dir / p for p in data[0] if p)
     removed = remove_stale_partials(out_dir)
     folders = set()
-    for file in [*listed, split, index]:
+    for file in [*listed, split, index, out_dir / CLASSES_FILE]:
         if file.is_file() and out_dir.resolve() in file.resolve().parents:
             file.unlink()
             folders.add(file.parent)

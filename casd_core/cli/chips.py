@@ -25,6 +25,10 @@ def add_chips_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, required=True,
                    help="polygons with a class each (GeoPackage, shapefile, GeoJSON, ...; any CRS)")
     p.add_argument("--class-field", required=True, help="the field of --labels that holds the class name")
+    p.add_argument("--color-field",
+                   help="a field of --labels that holds each polygon's colour (#rrggbb): its class's colour in "
+                        "chips.gpkg and in the model trained on the chips (CHIPDIR/classes.json); "
+                        "without it: map colours by class name")
     p.add_argument("-o", "--output", dest="out_dir", type=Path, required=True, metavar="CHIPDIR",
                    help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
@@ -57,10 +61,12 @@ def add_chips_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_chips(args: argparse.Namespace) -> int:
-    from casd_core.chips import make_chips
+    from casd_core.chips import make_chips, read_class_colors
     from casd_core.cli.predict import _monitor, _ProgressBar
 
-    fields = {name: getattr(args, name) for name in ChipConfig.__dataclass_fields__}
+    fields = {name: getattr(args, name) for name in ChipConfig.__dataclass_fields__ if name != "class_colors"}
+    if args.color_field:
+        fields["class_colors"] = read_class_colors(args.labels, args.class_field, args.color_field)
     bar = _ProgressBar(args.quiet)
     try:
         summary = make_chips(args.rasters, args.labels, args.class_field, args.out_dir,

@@ -5,7 +5,8 @@ The QGIS face of ``casd chips``: it gathers the layers and settings and calls th
 layer, "Selected features only", a subset filter, unsaved edits, another provider, a layer of a
 multi-layer file that is not its first) is first written to a GeoPackage in Processing's temp
 folder by QGIS's own writer, in the layer's CRS and with its feature ids, so the polygon ids the
-report and ``chips.gpkg`` give are the ones QGIS shows.
+report and ``chips.gpkg`` give are the ones QGIS shows. A categorized style of the layer on the
+class field gives the core the analyst's class colours (``ChipConfig.class_colors``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import os
 import warnings
 
-from qgis.core import (QgsFeature, QgsField, QgsFields, QgsProcessing, QgsProcessingException,
-                       QgsProcessingFeatureSourceDefinition, QgsProcessingOutputFile, QgsProcessingOutputNumber,
-                       QgsProcessingOutputVectorLayer, QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
-                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsExpression, QgsFeature, QgsField, QgsFields, QgsProcessing,
+                       QgsProcessingException, QgsProcessingFeatureSourceDefinition, QgsProcessingOutputFile,
+                       QgsProcessingOutputNumber, QgsProcessingOutputVectorLayer, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterMultipleLayers,
                        QgsProcessingParameterNumber, QgsProcessingUtils, QgsProviderRegistry, QgsVectorFileWriter,
                        QgsVectorLayer)
@@ -89,7 +90,10 @@ class MakeChipsAlgorithm(CasdAlgorithm):
             "coverage</b>), chips below the minimum coverage or over the <b>nodata threshold</b>, and "
             "polygons outside every raster; classes with fewer than the <b>minimum chips</b>, or a "
             "single polygon, are reported as too few. The folder must be new or empty unless "
-            "<b>Overwrite</b> is checked; Cancel leaves no chips behind."
+            "<b>Overwrite</b> is checked; Cancel leaves no chips behind.<br><br>"
+            "Colours: when the polygon layer is styled <i>Categorized</i> on the class field, its "
+            "categories' colours are the classes' colours in <i>chips.gpkg</i> and, through "
+            "<i>classes.json</i>, in the model trained on the chips and the layers it classifies."
         )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS's name)
@@ -150,7 +154,8 @@ class MakeChipsAlgorithm(CasdAlgorithm):
             from casd_core.chips import ChipConfig, make_chips
 
             rasters = [raster_file(layer) for layer in self.parameterAsLayerList(parameters, RASTERS, context)]
-            labels = self._labels_file(parameters, context, feedback)
+            labels, layer = self._labels_file(parameters, context, feedback)
+            class_field = self.parameterAsString(parameters, CLASS_FIELD, context)
             config = ChipConfig(
                 tile_size=self.parameterAsDouble(parameters, TILE_SIZE, context) or None,  # empty reads as 0
                 unit=TILE_UNITS[self.parameterAsEnum(parameters, TILE_UNIT, context)][0],
@@ -165,8 +170,9 @@ class MakeChipsAlgorithm(CasdAlgorithm):
                 seed=self.parameterAsInt(parameters, SEED, context),
                 min_chips=self.parameterAsInt(parameters, MIN_CHIPS, context),
                 overwrite=self.parameterAsBoolean(parameters, OVERWRITE, context),
+                class_colors=style_colors(layer, class_field),
             )
-            summary = make_chips(rasters, labels, self.parameterAsString(parameters, CLASS_FIELD, context),
+            summary = make_chips(rasters, labels, class_field,
                                  self.parameterAsFileOutput(parameters, OUTPUT_FOLDER, context), config,
                                  monitor_for(feedback, name_of))
         feedback.pushInfo(summary.table(name_of))
@@ -185,8 +191,9 @@ class MakeChipsAlgorithm(CasdAlgorithm):
             style_when_loaded(context, self._index, stored_style(self._index))
         return {}
 
-    def _labels_file(self, parameters, context, feedback) -> str:
-        """The vector file the core reads for the polygon parameter (see the module docstring)."""
+    def _labels_file(self, parameters, context, feedback) -> tuple[str, QgsVectorLayer]:
+        """The vector file the core reads for the polygon parameter (see the module docstring),
+        and the layer it comes from."""
         chosen = parameters.get(LABELS)
         definition = chosen if isinstance(chosen, QgsProcessingFeatureSourceDefinition) else None
         # parameterAsVectorLayer does not look inside a source definition (QGIS 3.22): give it the layer's
@@ -199,10 +206,30 @@ class MakeChipsAlgorithm(CasdAlgorithm):
         if not selected and limit == -1:
             path = readable_file(layer)
             if path is not None:
-                return path
+                return path, layer
         path = export_labels(layer, selected, limit, context, feedback)
         feedback.pushInfo(f"Labelled polygons: layer '{layer.name()}' written to {path}")
-        return path
+        return path, layer
+
+
+def style_colors(layer: QgsVectorLayer, class_field: str) -> dict[str, str] | None:
+    """The analyst's class colours (class name → ``#rrggbb``): each category's symbol colour when
+    ``layer`` is drawn by a categorized renderer on ``class_field``, else ``None``. Only reads the
+    renderer, so it is safe off the main thread."""
+    from casd_core.chips.labels import class_text  # the core's reading of a class field's value
+
+    renderer = layer.renderer()
+    if not isinstance(renderer, QgsCategorizedSymbolRenderer) or renderer.classAttribute() not in (
+            class_field, QgsExpression.quotedColumnRef(class_field)):
+        return None
+    colors: dict[str, str] = {}
+    for category in renderer.categories():
+        values = category.value() if isinstance(category.value(), list) else [category.value()]  # merged categories
+        for value in values:
+            name = class_text(value)  # None for the "all other values" category (NULL or "")
+            if name is not None and category.symbol() is not None:
+                colors.setdefault(name, category.symbol().color().name())
+    return colors or None
 
 
 def readable_file(layer: QgsVectorLayer) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_chips
-from test_chips import CELL, CRS_UTM, TAXONOMY, read_index
+from test_chips import ANALYST, CELL, CRS_UTM, TAXONOMY, classes_json, expected_colors, index_colors, read_index
 
 pytestmark = pytest.mark.qgis
 
@@ -126,6 +126,55 @@ def test_a_memory_layer_is_written_out_first_and_the_index_is_loaded(from_file, 
         del layer
     assert any("'my labels' written to" in info for info in feedback.infos)
     assert (tmp_path / "chips" / "split.csv").read_text() == (from_file[0] / "split.csv").read_text()
+
+
+def categorized(layer, colors: dict[str, str], attribute: str = "class") -> None:
+    """Style ``layer`` as an analyst does: Categorized on ``attribute``, a category per class in
+    ``colors``, and QGIS's "all other values" category (no value) in black."""
+    from qgis.core import QgsCategorizedSymbolRenderer, QgsRendererCategory, QgsSymbol
+    from qgis.PyQt.QtGui import QColor
+
+    categories = []
+    for value, color in [*colors.items(), (None, "#000000")]:
+        symbol = QgsSymbol.defaultSymbol(layer.geometryType())
+        symbol.setColor(QColor(color))
+        categories.append(QgsRendererCategory(value, symbol, value or ""))
+    layer.setRenderer(QgsCategorizedSymbolRenderer(attribute, categories))
+
+
+def category_colors(layer) -> dict[str, str]:
+    """Class → #rrggbb of a layer's categorized renderer (not the abstentions' grey)."""
+    from casd_core.style import UNCERTAIN
+
+    return {category.value(): category.symbol().color().name() for category in layer.renderer().categories()
+            if category.value() not in (None, "", UNCERTAIN)}
+
+
+def test_a_categorized_style_on_the_class_field_gives_the_classes_their_colours(provider, world, tmp_path):
+    import processing
+    from qgis.core import QgsProject, QgsSingleSymbolRenderer, QgsSymbol, QgsVectorLayer
+
+    layer = QgsVectorLayer(str(world["labels"]), "labels", "ogr")
+    categorized(layer, ANALYST)  # transport / roads: no category of its own
+    QgsProject.instance().addMapLayer(layer)
+    try:
+        result = processing.run("casd:makechips", _params(world, layer.id(), tmp_path / "styled"))
+        out = Path(result["OUTPUT_FOLDER"])
+        assert classes_json(out) == index_colors(out) == expected_colors(ANALYST)
+        index = QgsVectorLayer(result["INDEX"], "chips", "ogr")  # as QGIS shows it: the style it carries
+        assert category_colors(index) == expected_colors(ANALYST)
+        del index
+        for other in ("upper(\"class\")", None):  # categorized on something else, or one symbol: no colours
+            if other is None:
+                layer.setRenderer(QgsSingleSymbolRenderer(QgsSymbol.defaultSymbol(layer.geometryType())))
+            else:
+                categorized(layer, ANALYST, other)
+            result = processing.run("casd:makechips", _params(world, layer.id(), tmp_path / "plain", OVERWRITE=True))
+            assert not (tmp_path / "plain" / "classes.json").exists(), other
+            assert index_colors(tmp_path / "plain") == expected_colors({})
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        del layer
 
 
 def _chips_of(index: dict, polygons: set[int]) -> dict[str, int]:

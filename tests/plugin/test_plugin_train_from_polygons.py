@@ -12,8 +12,9 @@ import numpy as np
 import pyogrio.raw
 import pytest
 import shapely
-from test_chips import CRS_UTM, X0, Y0
+from test_chips import ANALYST, CRS_UTM, X0, Y0, expected_colors
 from test_finetune import CLASSES, TRAIN_LAYOUT, build_map, tile_accuracy, write_block_labels
+from test_plugin_chips import categorized, category_colors
 
 pytestmark = pytest.mark.qgis
 
@@ -55,9 +56,11 @@ class CancelInEpoch:
 
 
 def test_polygons_to_a_styled_layer_of_the_new_classes_and_cancel_then_resume(provider, training_map):
+    """The rerun takes the polygons as a project layer styled Categorized on the class field: the
+    new model and its layer get those colours, and the run still resumes (colours are no setting)."""
     import processing
     from casd_core.package import ModelPackage
-    from qgis.core import QgsCategorizedSymbolRenderer, QgsProcessingException, QgsProject
+    from qgis.core import QgsCategorizedSymbolRenderer, QgsProcessingException, QgsProject, QgsVectorLayer
 
     out = training_map["root"] / "out"
     model = out / "run" / "model.safetensors"
@@ -68,27 +71,36 @@ def test_polygons_to_a_styled_layer_of_the_new_classes_and_cancel_then_resume(pr
     first_epoch = (out / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(first_epoch) == 1  # epoch 1 was checkpointed before the cancel
 
-    result = processing.runAndLoadResults("casd:trainfrompolygons", _params(training_map, out))
-    package = ModelPackage.load(result["OUTPUT_MODEL"])
-    assert Path(result["OUTPUT_MODEL"]) == model and package.class_names == CLASSES
-    history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert history[0] == json.loads(first_epoch[0]) and len(history) == 2  # resumed, not restarted
-    assert package.tile_footprint_m == 150.0 and result["CHIP_COUNT"] == 64
-    assert 0.0 <= result["TEST_ACCURACY"] <= 1.0
-
-    loaded = {layer.name(): layer for layer in QgsProject.instance().mapLayers().values()}
+    labels = QgsVectorLayer(str(training_map["labels"]), "Labelled polygons", "ogr")
+    categorized(labels, ANALYST)
+    QgsProject.instance().addMapLayer(labels)
+    loaded = {}
     try:
-        assert sorted(loaded) == ["Scene classes", "Training chips"]  # the chip index is loaded too
+        result = processing.runAndLoadResults("casd:trainfrompolygons",
+                                              _params(training_map, out, LABELS=labels.id()))
+        package = ModelPackage.load(result["OUTPUT_MODEL"])
+        assert Path(result["OUTPUT_MODEL"]) == model and package.class_names == CLASSES
+        assert dict(zip(package.class_names, package.class_colors)) == expected_colors(ANALYST)
+        history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert history[0] == json.loads(first_epoch[0]) and len(history) == 2  # resumed, not restarted
+        assert package.tile_footprint_m == 150.0 and result["CHIP_COUNT"] == 64
+        assert 0.0 <= result["TEST_ACCURACY"] <= 1.0
+
+        loaded = {layer.name(): layer for layer in QgsProject.instance().mapLayers().values()}
+        assert sorted(loaded) == ["Labelled polygons", "Scene classes", "Training chips"]  # the chip index too
+        assert category_colors(loaded["Training chips"]) == expected_colors(ANALYST)
         layer = loaded["Scene classes"]
         assert layer.source().startswith(result["OUTPUT"]) and result["OUTPUT"] == str(out / "classes.gpkg")
-        assert {f["class_name"] for f in layer.getFeatures()} <= set(CLASSES)
+        found = {f["class_name"] for f in layer.getFeatures()}
+        assert found <= set(CLASSES)
         renderer = layer.renderer()
         assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class_name"
-        assert {c.value() for c in renderer.categories()} == {f["class_name"] for f in layer.getFeatures()}
+        assert {c.value() for c in renderer.categories()} == found
+        assert category_colors(layer) == {name: c for name, c in expected_colors(ANALYST).items() if name in found}
         assert tile_accuracy(out / "classes.gpkg", TRAIN_LAYOUT) >= MIN_MAP_ACCURACY
     finally:
         QgsProject.instance().removeAllMapLayers()
-        del loaded
+        del loaded, labels
 
 
 def test_runs_off_the_gui_thread_and_can_be_cancelled(provider):
