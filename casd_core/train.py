@@ -56,7 +56,7 @@ from casd_core.progress import Monitor
 from casd_core.runtime import prefers_channels_last, prepare_cpu
 from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
                                 class_similarity_from_confusion)
-from casd_core.style import training_class_colors
+from casd_core.style import CLASSES_FILE, training_class_colors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
@@ -454,8 +454,10 @@ class Trainer:
         trained = distributed.broadcast_object(self.start_epoch >= self.cfg.epochs and package_path.is_file())
         if trained:
             self._say(f"{package_path} is already trained; nothing to do")
-            metrics = distributed.broadcast_object(ModelPackage.load(package_path).metrics if self.main else None)
+            package = ModelPackage.load(package_path) if self.main else None
+            metrics = distributed.broadcast_object(package.metrics if self.main else None)
             if self.main:
+                self._recolor(package, package_path)
                 self._write_result(metrics)  # runs finished before result.json existed get one too
             return TrainResult(package_path, metrics)
         log_path = self.cfg.out_dir / METRICS_LOG_NAME
@@ -492,6 +494,18 @@ class Trainer:
         if self.main:
             tqdm.write(message)
 
+    def _class_colors(self) -> list[str]:
+        return training_class_colors(self.data.class_names, self.cfg.split_csv, self.cfg.data_root, self.monitor.warn)
+
+    def _recolor(self, package: ModelPackage, package_path: Path) -> None:
+        """A finished run asked again takes the chips' current class colours (the analyst
+        restyled the labels): colours are not a training setting, so nothing retrains."""
+        colors = self._class_colors()
+        if package.class_names == self.data.class_names and colors != package.class_colors:
+            package.class_colors = colors
+            package.save(package_path)
+            self._say(f"{package_path}: class colours updated from {CLASSES_FILE}")
+
     def _finish(self) -> TrainResult:
         """Best-on-validation weights → test evaluation (once) → package + report files."""
         if self.best_state is not None:
@@ -520,8 +534,7 @@ class Trainer:
         package = ModelPackage(
             backbone=self.cfg.backbone,
             class_names=self.data.class_names,
-            class_colors=training_class_colors(self.data.class_names, self.cfg.split_csv, self.cfg.data_root,
-                                               self.monitor.warn),
+            class_colors=self._class_colors(),
             bands=self.data.bands,
             input_size=self.cfg.input_size,
             mean=self.data.mean, std=self.data.std, value_scale=self.data.value_scale,

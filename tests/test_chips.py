@@ -524,7 +524,10 @@ def test_cli_reads_each_class_colour_from_the_color_field(world, tmp_path, capsy
 
 
 def test_a_model_trained_on_coloured_chips_keeps_the_colours_and_a_run_resumes(world, tmp_path, one_torch_thread):
-    """Colours are not a training setting: chips re-cut with colours resume the run cut without."""
+    """Colours are not a training setting: chips re-cut with colours resume the run cut without,
+    and a finished run asked again takes the chips' new colours without retraining."""
+    import torch
+
     from casd_core.package import ModelPackage
     from casd_core.train import TrainConfig, train
 
@@ -550,3 +553,12 @@ def test_a_model_trained_on_coloured_chips_keeps_the_colours_and_a_run_resumes(w
     assert history.startswith(first_epoch) and len(history.splitlines()) == 2  # resumed, not refused
     package = ModelPackage.load(result.package_path)
     assert dict(zip(package.class_names, package.class_colors)) == expected_colors(ANALYST)
+
+    # restyled and run again: the finished package takes the new colours without retraining
+    restyled = {**ANALYST, "water": "#00ffff"}
+    make_chips([world["rgb"]], world["labels"], "class", chips_dir,
+               ChipConfig(**{**vars(TILE), "class_colors": restyled, "overwrite": True}))
+    again = ModelPackage.load(train(config).package_path)
+    assert dict(zip(again.class_names, again.class_colors)) == expected_colors(restyled)
+    assert (run / "metrics.jsonl").read_text() == history
+    assert all(torch.equal(again.state_dict[k], package.state_dict[k]) for k in package.state_dict)
