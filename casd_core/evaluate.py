@@ -117,7 +117,8 @@ class OnnxLogits(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        probabilities = self.predictor.predict(batch.contiguous().cpu().numpy())  # a probability 0 gives -inf: softmax keeps 0
+        # a probability 0 gives -inf: softmax keeps it 0
+        probabilities = self.predictor.predict(batch.contiguous().cpu().numpy())
         return torch.from_numpy(probabilities).log_().mul_(self.predictor.package.temperature).to(batch.device)
 
 

@@ -265,7 +265,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train this many seeds at once, each in its own process (e.g. 4 on one GPU)")
     p.add_argument("--loader-workers", type=int,
                    help="data-loading processes per run (default: 8 on CUDA, 1 on CPU)")
-    p.add_argument("--summary-only", action="store_true", help="train nothing: only print the table of what is finished (with --tta, score that first)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: only print the table of what is finished (with --tta, score that first)")
     p.add_argument("--tta", action="store_true",
                    help="also score each finished seed's test rows with test-time augmentation (8 views: 8x an "
                         "evaluation; once per seed, kept in its tta.json) for a TTA column")
