@@ -170,7 +170,7 @@ class MakeChipsAlgorithm(CasdAlgorithm):
                 seed=self.parameterAsInt(parameters, SEED, context),
                 min_chips=self.parameterAsInt(parameters, MIN_CHIPS, context),
                 overwrite=self.parameterAsBoolean(parameters, OVERWRITE, context),
-                class_colors=style_colors(layer, class_field),
+                class_colors=style_colors(self._styled(layer, context), class_field),
             )
             summary = make_chips(rasters, labels, class_field,
                                  self.parameterAsFileOutput(parameters, OUTPUT_FOLDER, context), config,
@@ -210,6 +210,18 @@ class MakeChipsAlgorithm(CasdAlgorithm):
         path = export_labels(layer, selected, limit, context, feedback)
         feedback.pushInfo(f"Labelled polygons: layer '{layer.name()}' written to {path}")
         return path, layer
+
+
+    @staticmethod
+    def _styled(layer: QgsVectorLayer, context) -> QgsVectorLayer:
+        """The labels as the analyst styled them: a project layer as it is; a file given by its
+        path (batch runs) as QGIS opens it, with the default style saved with the file, which
+        Processing's own loading leaves out (QGIS 3.22)."""
+        project = context.project()
+        if project is not None and project.mapLayer(layer.id()) is not None:
+            return layer
+        reopened = QgsVectorLayer(layer.source(), layer.name(), layer.providerType())
+        return reopened if reopened.isValid() else layer
 
 
 def style_colors(layer: QgsVectorLayer, class_field: str) -> dict[str, str] | None:

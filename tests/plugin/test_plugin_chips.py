@@ -177,6 +177,23 @@ def test_a_categorized_style_on_the_class_field_gives_the_classes_their_colours(
         del layer
 
 
+def test_a_labels_file_given_by_path_brings_the_style_saved_with_it(provider, world, tmp_path):
+    """Batch runs pass files, not project layers: the default style saved in the GeoPackage counts."""
+    import shutil
+
+    import processing
+    from qgis.core import QgsVectorLayer
+
+    labels = Path(shutil.copy(world["labels"], tmp_path / "styled_labels.gpkg"))
+    layer = QgsVectorLayer(str(labels), "labels", "ogr")
+    categorized(layer, ANALYST)
+    message = layer.saveStyleToDatabase("default", "", True, "")
+    assert message == "", message
+    del layer
+    result = processing.run("casd:makechips", _params(world, str(labels), tmp_path / "chips"))
+    assert classes_json(Path(result["OUTPUT_FOLDER"])) == expected_colors(ANALYST)
+
+
 def _chips_of(index: dict, polygons: set[int]) -> dict[str, int]:
     return {path: int(p) for path, p in zip(index["path"], index["polygon_id"]) if int(p) in polygons}
 
