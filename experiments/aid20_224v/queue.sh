@@ -32,5 +32,6 @@ main() {
         done
     done
 }
-run() { .venv/bin/casd experiment "$@"; }
+# A failed run (killed for memory, say) is logged and the queue goes on; it resumes next time.
+run() { .venv/bin/casd experiment "$@" || echo "queue: FAILED (exit $?): casd experiment $*"; }
 main "$@"
