@@ -81,7 +81,7 @@ def predict_outputs(model: torch.nn.Module, dataset: SceneDataset, device: torch
         monitor.check_cancelled()
         end = start + len(truth)
         images = images.to(device, non_blocking=True)
-        if prefers_channels_last(device):
+        if prefers_channels_last(device) and not isinstance(model, OnnxLogits):  # onnxruntime takes NCHW
             images = images.contiguous(memory_format=torch.channels_last)
         seen: list[torch.Tensor] = []
 

@@ -150,23 +150,31 @@ def _start_seed(row: Row, seed: int, runs_dir: Path, data_root: Path | None, dev
 def evaluate_tta(row: Row, seed: int, runs_dir: Path, data_root: Path | None = None, device: str = "auto",
                  monitor: Monitor | None = None) -> dict[str, Any]:
     """Test OA and kappa of a finished seed with test-time augmentation (the 8 flips and turns,
-    8x an evaluation's cost) on the test rows its training scored, computed once and kept in
-    the run's ``tta.json``."""
-    from casd_core.calibration import replayed_rows
+    8x an evaluation's cost) on the test rows its training scored, kept in the run's
+    ``tta.json`` with the plain test OA of the package it scored: a retrained seed is scored
+    again. Raises :class:`CasdError` when the seed's package or test rows are not there."""
+    from casd_core.data import training_rows
     from casd_core.evaluate import evaluate_samples
     from casd_core.package import ModelPackage
 
     path = row.run_dir(runs_dir, seed) / TTA_NAME
-    if path.is_file():
-        return json.loads(path.read_text())
     cfg = train_config(row, seed, runs_dir, data_root, device)
     package_path = cfg.out_dir / cfg.package_name
+    if not package_path.is_file():
+        raise CasdError(f"{row.name} seed {seed} has no package at {package_path} to score with TTA")
     package = ModelPackage.load(package_path)
-    test = replayed_rows(package, package_path, cfg.data_root, cfg.split_csv).test
-    if not test:
-        raise CasdError(f"experiment {row.name!r} has no test rows to score with TTA; give it a split CSV")
-    report = evaluate_samples(package, package_path, test, device=device, monitor=monitor, tta=True)
+    recorded = package.metrics.get("test", {})
+    if path.is_file():
+        scores = json.loads(path.read_text())
+        if scores.get("package_overall_accuracy") == recorded.get("overall_accuracy"):
+            return scores
+    rows = training_rows(cfg.data_root, cfg.split_csv, cfg.val_fraction, cfg.data_seed, cfg.subset_per_class)
+    if not rows.test or rows.class_names != package.class_names or len(rows.test) != recorded.get("num_samples"):
+        raise CasdError(f"{row.name} seed {seed}: the test rows of {cfg.split_csv} are not those its training "
+                        f"scored ({len(rows.test)} rows now, {recorded.get('num_samples')} then), so TTA is not scored")
+    report = evaluate_samples(package, package_path, rows.test, device=device, monitor=monitor, tta=True)
     scores = {key: report[key] for key in ("overall_accuracy", "kappa", "num_samples")}
+    scores["package_overall_accuracy"] = recorded["overall_accuracy"]
     write_text_atomic(json.dumps(scores, indent=2), path)
     return scores
 
@@ -211,7 +219,8 @@ def summary_table(rows: list[Row], runs_dir: Path) -> str:
                          f"{' — |' if with_tta else ''} — | — | — | — |")
             continue
         tta = [d["tta_accuracy"] for d in done if d["tta_accuracy"] is not None]
-        tta_cell = f" {_mean_std(tta)} |" if with_tta else ""
+        fewer = f" ({len(tta)}/{len(done)} seeds)" if tta and len(tta) < len(done) else ""
+        tta_cell = f" {_mean_std(tta)}{fewer} |" if with_tta else ""
         lines.append(
             f"| {row.name} | {row.settings.get('method', 'casd')} | {len(done)}/{len(row.seeds)} "
             f"| {_mean_std([d['overall_accuracy'] for d in done])} |{tta_cell} {_mean_std([d['kappa'] for d in done])} "

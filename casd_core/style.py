@@ -60,8 +60,8 @@ def class_colors_for(class_names: list[str], colors: Mapping[str, str] | None = 
 def training_class_colors(class_names: list[str], split_csv: Path | None, data_root: Path,
                           warn: Callable[[str], None] | None = None) -> list[str]:
     """The colours a model trained on ``class_names`` keeps: those the :data:`CLASSES_FILE`
-    beside ``split_csv`` (in ``data_root`` without one) gives a class, by name or by folder
-    (a class-folder tree's classes are its folder names), the defaults for the rest.
+    beside ``split_csv`` gives a class by name (in ``data_root`` without a CSV: by folder, as a
+    class-folder tree's classes are its folder names), the defaults for the rest.
 
     A file that cannot be read is reported through ``warn`` and left out: it is read at the end
     of a training run, and colours are never worth failing a run for.
@@ -69,15 +69,14 @@ def training_class_colors(class_names: list[str], split_csv: Path | None, data_r
     path = (Path(split_csv).parent if split_csv else Path(data_root)) / CLASSES_FILE
     if not path.is_file():
         return class_colors_for(class_names)
+    key = "name" if split_csv else "folder"  # without a CSV the classes are the folders
     colors: dict[str, str] = {}
     try:
         for entry in json.loads(path.read_text(encoding="utf-8"))["classes"]:
             color = normalized_color(entry.get("color"))
             if color is None:
                 raise ValueError(f"class {entry.get('name')!r} has no #rrggbb colour")
-            if entry.get("folder"):
-                colors.setdefault(str(entry["folder"]), color)
-            colors[str(entry["name"])] = color  # a class's own name wins over another's folder
+            colors[str(entry[key])] = color
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         if warn is not None:
             warn(f"{path} is not a class colour file casd chips writes ({error}); the model gets the "

@@ -501,10 +501,16 @@ class Trainer:
         """A finished run asked again takes the chips' current class colours (the analyst
         restyled the labels): colours are not a training setting, so nothing retrains."""
         colors = self._class_colors()
-        if package.class_names == self.data.class_names and colors != package.class_colors:
-            package.class_colors = colors
+        if package.class_names != self.data.class_names or colors == package.class_colors:
+            return
+        package.class_colors = colors
+        try:
             package.save(package_path)
-            self._say(f"{package_path}: class colours updated from {CLASSES_FILE}")
+        except OSError as error:
+            self.monitor.warn(f"{package_path} keeps its old class colours: it could not be rewritten ({error})")
+            return
+        self._say(f"{package_path}: class colours updated from {CLASSES_FILE} (an .onnx export of it keeps "
+                  "the old ones until exported again)")
 
     def _finish(self) -> TrainResult:
         """Best-on-validation weights → test evaluation (once) → package + report files."""

@@ -63,3 +63,17 @@ def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tm
     scored = (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns
     assert main(summary) == 0  # kept, not computed again
     assert (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns == scored
+    # a score of another package (the seed was retrained) is computed again
+    stale = runs / "tiny" / "seed0" / "tta.json"
+    stale.write_text(json.dumps({**tta[0], "package_overall_accuracy": -1.0}))
+    assert main(summary) == 0
+    assert json.loads(stale.read_text()) == tta[0]
+    # a seed without its package: a one-line warning, and the others and the table still come
+    (runs / "tiny" / "seed1" / "model.safetensors").unlink()
+    (runs / "tiny" / "seed1" / "tta.json").unlink()
+    capsys.readouterr()
+    assert main(summary) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith("casd experiment: warning: tiny seed 1 has no package")
+    assert len(captured.err.strip().splitlines()) == 1
+    assert captured.out.splitlines()[-1].split(" | ")[4] == f"{accuracies[0]:.2f} (1/2 seeds)"

@@ -146,11 +146,12 @@ def _fields(path: Path) -> list[str]:
     that is missing or not a vector file GDAL reads."""
     if not path.exists():
         raise CasdError(f"{param('labels')} {path} does not exist; check the path")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import pyogrio
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
-            import pyogrio
-
             info = pyogrio.read_info(str(path))
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for unreadable files
         reason = str(exc).split("\n")[0]

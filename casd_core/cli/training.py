@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from casd_core.cli.common import add_command, default_of, parse_bands
@@ -243,7 +244,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
     if args.tta:
         for row in rows:
             for seed in (seed for seed in row.seeds if row.finished(args.runs, seed)):
-                scores = evaluate_tta(row, seed, args.runs, args.data_root, args.device)
+                try:
+                    scores = evaluate_tta(row, seed, args.runs, args.data_root, args.device)
+                except CasdError as error:  # that seed goes without; the others and the table still come
+                    print(f"casd experiment: warning: {error}", file=sys.stderr)
+                    continue
                 print(f"{row.name} seed {seed}: test OA with TTA {100 * scores['overall_accuracy']:.2f} %")
     print(summary_table(rows, args.runs))
     return 0

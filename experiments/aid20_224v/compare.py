@@ -35,7 +35,8 @@ def carve_predictions(row: Row, seed: int, runs: Path, data_root: Path) -> tuple
     package = ModelPackage.load(package_path)
     rows = replayed_rows(package, package_path, cfg.data_root, cfg.split_csv)
     transform = build_transforms(package.input_size, package.mean, package.std, train=False)
-    dataset = SceneDataset(rows.val, package.class_names, transform, value_scale=package.value_scale)
+    dataset = SceneDataset(rows.val, package.class_names, transform, bands=package.training.get("bands"),
+                           value_scale=package.value_scale)
     device = resolve_device("auto")
     out = predict_outputs(package.build_model().to(device), dataset, device)
     return [str(s.path) for s in rows.val], out.labels, out.predicted

@@ -34,4 +34,4 @@ main() {
 }
 # A failed run (killed for memory, say) is logged and the queue goes on; it resumes next time.
 run() { .venv/bin/casd experiment "$@" || echo "queue: FAILED (exit $?): casd experiment $*"; }
-main "$@"
+main "$@"; exit $?  # one line: bash never reads past it, whatever the file holds by then
