@@ -58,17 +58,20 @@ def class_colors_for(class_names: list[str], colors: Mapping[str, str] | None = 
 
 
 def training_class_colors(class_names: list[str], split_csv: Path | None, data_root: Path,
-                          warn: Callable[[str], None] | None = None) -> list[str]:
+                          warn: Callable[[str], None] | None = None,
+                          inherited: Mapping[str, str] | None = None) -> list[str]:
     """The colours a model trained on ``class_names`` keeps: those the :data:`CLASSES_FILE`
     beside ``split_csv`` gives a class by name (in ``data_root`` without a CSV: by folder, as a
-    class-folder tree's classes are its folder names), the defaults for the rest.
+    class-folder tree's classes are its folder names), else the ``inherited`` ones (a
+    fine-tune's starting package, by class name), else the defaults.
 
     A file that cannot be read is reported through ``warn`` and left out: it is read at the end
     of a training run, and colours are never worth failing a run for.
     """
+    inherited = dict(inherited or {})
     path = (Path(split_csv).parent if split_csv else Path(data_root)) / CLASSES_FILE
     if not path.is_file():
-        return class_colors_for(class_names)
+        return class_colors_for(class_names, inherited)
     key = "name" if split_csv else "folder"  # without a CSV the classes are the folders
     colors: dict[str, str] = {}
     try:
@@ -81,8 +84,8 @@ def training_class_colors(class_names: list[str], split_csv: Path | None, data_r
         if warn is not None:
             warn(f"{path} is not a class colour file casd chips writes ({error}); the model gets the "
                  "default class colours")
-        return class_colors_for(class_names)
-    return class_colors_for(class_names, colors)
+        return class_colors_for(class_names, inherited)
+    return class_colors_for(class_names, {**inherited, **colors})
 
 
 def class_color(name: str, package: Any | None = None) -> str:

@@ -495,7 +495,10 @@ class Trainer:
             tqdm.write(message)
 
     def _class_colors(self) -> list[str]:
-        return training_class_colors(self.data.class_names, self.cfg.split_csv, self.cfg.data_root, self.monitor.warn)
+        init = self.init.package if self.init else None
+        inherited = dict(zip(init.class_names, init.class_colors)) if init else None
+        return training_class_colors(self.data.class_names, self.cfg.split_csv, self.cfg.data_root, self.monitor.warn,
+                                     inherited)
 
     def _recolor(self, package: ModelPackage, package_path: Path) -> None:
         """A finished run asked again takes the chips' current class colours (the analyst

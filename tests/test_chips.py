@@ -19,6 +19,7 @@ image of split_20's train rows. The polygons (FID: class, cells as rows × colum
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from collections import defaultdict
 from pathlib import Path
 
@@ -562,3 +563,11 @@ def test_a_model_trained_on_coloured_chips_keeps_the_colours_and_a_run_resumes(w
     assert dict(zip(again.class_names, again.class_colors)) == expected_colors(restyled)
     assert (run / "metrics.jsonl").read_text() == history
     assert all(torch.equal(again.state_dict[k], package.state_dict[k]) for k in package.state_dict)
+
+    # fine-tuned from it on chips without colours: the classes keep the starting package's
+    plain = tmp_path / "plain_chips"
+    make_chips([world["rgb"]], world["labels"], "class", plain, ChipConfig(**vars(TILE)))
+    tuned = train(replace(config, data_root=plain, split_csv=plain / "split.csv", out_dir=tmp_path / "tuned",
+                          init=str(result.package_path), epochs=1))
+    tuned = ModelPackage.load(tuned.package_path)
+    assert dict(zip(tuned.class_names, tuned.class_colors)) == expected_colors(restyled)
