@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-BATCH = 32
+from bench_onnx import BATCH, interleaved_rates, pipeline  # noqa: E402 (the path above)
 CANDIDATES = [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)]
 
 
@@ -59,31 +57,7 @@ def model_only(models: dict[tuple[str, str], object], rounds: int, repeats: int)
         batch = rng.standard_normal((BATCH, 3, model.input_size, model.input_size)).astype(np.float32)
         staged[name, backend] = (torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
                                  if backend == "torch" else batch)
-        model.predict(staged[name, backend])  # warm-up
-    rates: dict[tuple[str, str], list[float]] = {key: [] for key in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            started = time.perf_counter()
-            for _ in range(repeats):
-                model.predict(staged[key])
-            rates[key].append(repeats * BATCH / (time.perf_counter() - started))
-    return {key: statistics.median(values) for key, values in rates.items()}
-
-
-def pipeline(models: dict[tuple[str, str], object], raster: Path, rounds: int) -> tuple[dict, int]:
-    from casd_core.inference import InferenceConfig, classify_raster
-    from casd_core.tiling import TilingConfig
-
-    tiling, inference = TilingConfig(tile_size=224, unit="px"), InferenceConfig(batch_size=BATCH, device="cpu")
-    rates: dict[tuple[str, str], list[float]] = {key: [] for key in models}
-    tiles = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(rounds):
-            for key, model in models.items():
-                summary = classify_raster(raster, Path(tmp) / "out.gpkg", model, tiling, inference)
-                rates[key].append(summary.tiles_per_second)
-                tiles = summary.tiles
-    return {key: statistics.median(values) for key, values in rates.items()}, tiles
+    return interleaved_rates(models, staged, rounds, repeats)
 
 
 def main() -> None:
@@ -106,14 +80,15 @@ def main() -> None:
         print(f"batch {BATCH}, {cpu_threads()} threads, torch {torch.__version__}, onnxruntime "
               f"{__import__('onnxruntime').__version__}, load average {os.getloadavg()[0]:.2f} at the start\n")
         bound = model_only(models, args.rounds, args.repeats)
-        piped, tiles = pipeline(models, raster, args.rounds)
+        piped = pipeline(models, raster, args.rounds)  # (tiles/s, tiles) per model
+    tiles = next(iter(piped.values()))[1]
     first = next(iter(files))
     print(f"| model | backend | (a) model only, tiles/s | (b) pipeline, tiles/s ({tiles} tiles) "
           f"| (b) vs {first}, same backend |")
     print("|---|---|---:|---:|---:|")
     for name, backend in models:
-        ratio = piped[name, backend] / piped[first, backend]
-        print(f"| {name} | {backend} | {bound[name, backend]:.1f} | {piped[name, backend]:.1f} | {ratio:.2f}× |")
+        rate = piped[name, backend][0]
+        print(f"| {name} | {backend} | {bound[name, backend]:.1f} | {rate:.1f} | {rate / piped[first, backend][0]:.2f}× |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -71,32 +71,40 @@ def model_only(models: dict[str, object], rounds: int, repeats: int) -> dict[str
     batch = np.random.default_rng(0).standard_normal((BATCH, 3, 224, 224)).astype(np.float32)
     staged = {name: (torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
                      if name.startswith("torch") else batch) for name in models}
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():
-        model.predict(staged[name])  # warm-up
+    return interleaved_rates(models, staged, rounds, repeats)
+
+
+def interleaved_rates(models: dict, staged: dict, rounds: int, repeats: int) -> dict:
+    """Median tiles/s of each model on its ``staged`` batch (of ``BATCH``), in rounds that
+    interleave the models, so a passing load on the shared machine hits all alike."""
+    rates: dict = {key: [] for key in models}
+    for key, model in models.items():
+        model.predict(staged[key])  # warm-up
     for _ in range(rounds):
-        for name, model in models.items():
+        for key, model in models.items():
             started = time.perf_counter()
             for _ in range(repeats):
-                model.predict(staged[name])
-            rates[name].append(repeats * BATCH / (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in rates.items()}
+                model.predict(staged[key])
+            rates[key].append(repeats * BATCH / (time.perf_counter() - started))
+    return {key: statistics.median(values) for key, values in rates.items()}
 
 
-def pipeline(models: dict[str, object], raster: Path, rounds: int) -> dict[str, tuple[float, int]]:
+def pipeline(models: dict, raster: Path, rounds: int) -> dict:
+    """Median ``(tiles/s, tiles)`` of ``classify_raster`` end to end with each model, 224-px
+    tiles read 1:1, rounds interleaving the models."""
     from casd_core.inference import InferenceConfig, classify_raster
     from casd_core.tiling import TilingConfig
 
     tiling, inference = TilingConfig(tile_size=224, unit="px"), InferenceConfig(batch_size=BATCH, device="cpu")
-    rates: dict[str, list[float]] = {name: [] for name in models}
+    rates: dict = {key: [] for key in models}
     tiles = 0
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):
-            for name, model in models.items():
+            for key, model in models.items():
                 summary = classify_raster(raster, Path(tmp) / "out.gpkg", model, tiling, inference)
-                rates[name].append(summary.tiles_per_second)
+                rates[key].append(summary.tiles_per_second)
                 tiles = summary.tiles
-    return {name: (statistics.median(values), tiles) for name, values in rates.items()}
+    return {key: (statistics.median(values), tiles) for key, values in rates.items()}
 
 
 def accuracy(models: dict[str, object], per_class: int | None) -> tuple[dict[str, float], dict[str, float], int]:
