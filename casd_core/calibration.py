@@ -21,6 +21,7 @@ training rows (``casd calibrate``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -184,10 +185,9 @@ def calibrate_package(package_path: str | os.PathLike, data_root: str | os.PathL
     before and after is measured. ``out_path`` may be ``package_path`` (written atomically).
     Returns a report: ``temperature``, ``validation`` and ``test`` scores, ``pixel_stats``.
     """
-    from casd_core.data import SceneDataset, build_transforms, pixel_statistics
-    from casd_core.evaluate import predict_outputs
+    from casd_core.data import pixel_statistics
+    from casd_core.evaluate import evaluation_model, package_dataset, predict_outputs
     from casd_core.package import ModelPackage
-    from casd_core.runtime import prepare_cpu, resolve_device
 
     package = ModelPackage.load(package_path)
     training = package.training
@@ -201,15 +201,8 @@ def calibrate_package(package_path: str | os.PathLike, data_root: str | os.PathL
     if {s.path for s in rows.val} & {s.path for s in rows.test}:
         raise CasdError(f"{split_csv} lists images both as train and as test rows")
 
-    transform = build_transforms(package.input_size, package.mean, package.std, train=False)
-    bands = training.get("bands")
-
-    def dataset(samples: list) -> SceneDataset:
-        return SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
-
-    torch_device = resolve_device(device)
-    prepare_cpu()
-    model = package.build_model().to(torch_device)
+    dataset = functools.partial(package_dataset, package)
+    model, torch_device = evaluation_model(package, package_path, device)
     val = predict_outputs(model, dataset(rows.val), torch_device, batch_size, monitor)
     temperature = fit_temperature(val.logits, val.labels)
     validation = calibration_scores(val.logits, val.labels, temperature)

@@ -157,29 +157,39 @@ def write_report(report: dict[str, Any], class_names: list[str], out_dir: Path) 
     return paths
 
 
-def evaluate_samples(package: ModelPackage, package_path: str | os.PathLike, samples: list[Sample],
-                     batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None,
-                     tta: bool = False) -> dict[str, Any]:
-    """The report (with its confusion matrix) of ``package`` on ``samples`` (labels in the
-    package's class order), prepared as training's evaluation prepares them; an ``.onnx``
-    ``package_path`` runs in onnxruntime."""
+def package_dataset(package: ModelPackage, samples: list[Sample]) -> SceneDataset:
+    """``samples`` as ``package``'s training evaluated its images: its bands, value scale, input
+    size and normalisation (labels in the package's class order)."""
     transform = build_transforms(package.input_size, package.mean, package.std, train=False)
     bands = package.training.get("bands")  # band indices the model was trained on (multi-band chips)
-    dataset = SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
+    return SceneDataset(samples, package.class_names, transform, bands=bands, value_scale=package.value_scale)
+
+
+def evaluation_model(package: ModelPackage, package_path: str | os.PathLike,
+                     device: str = "auto") -> tuple[torch.nn.Module, torch.device]:
+    """The module :func:`predict_outputs` runs for ``package`` and the device its batches go to:
+    the torch model (channels_last where faster), or for an ``.onnx`` ``package_path`` the
+    onnxruntime session on ``device``'s provider, fed from the CPU."""
     prepare_cpu()
     if Path(package_path).suffix.lower() == ".onnx":
         from casd_core.inference.onnx_backend import OrtPredictor
 
-        # onnxruntime takes numpy batches from the CPU; it picks its own provider from ``device``
-        torch_device = torch.device("cpu")
-        model: torch.nn.Module = OnnxLogits(OrtPredictor.from_file(package_path, device))
-    else:
-        torch_device = resolve_device(device)
-        model = package.build_model().to(torch_device)
-        if prefers_channels_last(torch_device):
-            model = model.to(memory_format=torch.channels_last)
-    return evaluate_model(model, dataset, torch_device, batch_size, with_confusion=True, monitor=monitor,
-                          temperature=package.temperature, tta=tta)
+        return OnnxLogits(OrtPredictor.from_file(package_path, device)), torch.device("cpu")
+    torch_device = resolve_device(device)
+    model = package.build_model().to(torch_device)
+    if prefers_channels_last(torch_device):
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch_device
+
+
+def evaluate_samples(package: ModelPackage, package_path: str | os.PathLike, samples: list[Sample],
+                     batch_size: int = 64, device: str = "auto", monitor: Monitor | None = None,
+                     tta: bool = False) -> dict[str, Any]:
+    """The report (with its confusion matrix) of ``package`` on ``samples`` (labels in the
+    package's class order), prepared as training's evaluation prepares them."""
+    model, torch_device = evaluation_model(package, package_path, device)
+    return evaluate_model(model, package_dataset(package, samples), torch_device, batch_size, with_confusion=True,
+                          monitor=monitor, temperature=package.temperature, tta=tta)
 
 
 def evaluate_package(package_path: str | os.PathLike, data_root: str | os.PathLike,

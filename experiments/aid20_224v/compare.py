@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from casd_core.calibration import replayed_rows
-from casd_core.data import SceneDataset, build_transforms, default_data_root
-from casd_core.evaluate import predict_outputs
+from casd_core.data import default_data_root
+from casd_core.evaluate import evaluation_model, package_dataset, predict_outputs
 from casd_core.experiment import Row, load_row, seed_summary, train_config
 from casd_core.package import ModelPackage
-from casd_core.runtime import prepare_cpu, resolve_device
 
 
 def carve_predictions(row: Row, seed: int, runs: Path, data_root: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -34,11 +33,8 @@ def carve_predictions(row: Row, seed: int, runs: Path, data_root: Path) -> tuple
     package_path = cfg.out_dir / cfg.package_name
     package = ModelPackage.load(package_path)
     rows = replayed_rows(package, package_path, cfg.data_root, cfg.split_csv)
-    transform = build_transforms(package.input_size, package.mean, package.std, train=False)
-    dataset = SceneDataset(rows.val, package.class_names, transform, bands=package.training.get("bands"),
-                           value_scale=package.value_scale)
-    device = resolve_device("auto")
-    out = predict_outputs(package.build_model().to(device), dataset, device)
+    model, device = evaluation_model(package, package_path)
+    out = predict_outputs(model, package_dataset(package, rows.val), device)
     return [str(s.path) for s in rows.val], out.labels, out.predicted
 
 
@@ -48,7 +44,6 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--data-root", type=Path, default=None)
     args = parser.parse_args()
-    prepare_cpu()
     data_root = args.data_root or default_data_root()
     rows = [load_row(path) for path in args.rows]
     finished = {row.name: [s for s in row.seeds if row.finished(args.runs, s)] for row in rows}
