@@ -1,11 +1,13 @@
 """Training throughput: a plain CE step vs a CS-KD and a CASD step (same backbone, batch, device),
-on CPU in both memory layouts (NCHW, and channels_last as the trainer runs it).
+on CPU in both memory layouts (NCHW, and channels_last as the trainer runs it). With
+``--alternatives``, CE steps on CPU in channels_last also with bfloat16 autocast and with
+``torch.compile``, the two other speed-ups one would try there.
 
 CASD forwards and back-propagates three images per anchor (anchor, positive, negative), CS-KD
 two; this measures what that costs per anchor and per image, on real AID images held in memory
 so that only the step itself is timed. CPU always; CUDA too when present.
 
-    .venv/bin/python benchmarks/bench_training.py [--backbone efficientnet_lite0] [--batch-size 32]
+    .venv/bin/python benchmarks/bench_training.py [--backbone efficientnet_lite0] [--batch-size 32] [--alternatives]
 """
 
 from __future__ import annotations
@@ -63,6 +65,37 @@ def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str
     anchors = len(batch["anchor"]) * steps
     return anchors / elapsed, anchors * branches / elapsed
 
+def cpu_alternatives(batch: dict[str, torch.Tensor], backbone: str, steps: int, warmup: int) -> None:
+    """CE steps on CPU, channels_last: fp32 (the trainer's) vs bfloat16 autocast vs
+    ``torch.compile`` (its compile time reported apart, in the warm-up)."""
+    images, labels = batch["anchor"], batch["anchor_label"]
+    print(f"\n{'CE step on cpu, channels_last':<32}{'images/s':>10}{'warm-up s':>11}{'vs fp32':>9}")
+    fp32 = None
+    for name in ("fp32", "bfloat16 autocast", "torch.compile"):
+        model = build_model(backbone, 30, pretrained="imagenet").train().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = torch.compile(model) if name == "torch.compile" else model
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.startswith("bfloat16")):
+                logits = forward(images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        started = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        warm = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rate = steps * len(images) / (time.perf_counter() - started)
+        fp32 = fp32 or rate
+        print(f"{name:<32}{rate:>10.1f}{warm:>11.1f}{rate / fp32:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -70,6 +103,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=150)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--alternatives", action="store_true",
+                        help="also time CE steps on CPU with bfloat16 autocast and with torch.compile")
     args = parser.parse_args()
     batch = real_batch(args.batch_size, args.input_size, args.backbone)
     runs = [(torch.device("cpu"), False), (torch.device("cpu"), True)]
@@ -92,6 +127,8 @@ def main() -> None:
             speedup = f"{anchors_s / nchw_rates[method]:.2f}x" if device.type == "cpu" else ""
             print(f"{device.type:<8}{layout:<15}{method:<8}{anchors_s:>11.1f}{images_s:>10.1f}"
                   f"{ce_rate / anchors_s:>18.2f}x{speedup:>9}")
+    if args.alternatives:
+        cpu_alternatives(batch, args.backbone, args.steps, args.warmup)
 
 if __name__ == "__main__":
     main()
