@@ -84,9 +84,9 @@ def resolve_device(device: str = "auto") -> "torch.device":
 
 def prefers_channels_last(device: "torch.device") -> bool:
     """Whether convolutions run faster in the channels_last memory format on ``device``: on
-    CUDA, and on a CPU with oneDNN (EfficientNet-Lite0 at 224 px: ~1.7x faster training steps
-    and ~1.4x faster inference here, benchmarks/bench_training.py and bench_model.py; measured
-    on x86 only, where oneDNN's channels_last kernels are what makes it faster)."""
+    CUDA, and on a CPU with oneDNN (EfficientNet-Lite0 at 224 px on this x86 machine: 1.4-2.3x
+    faster training steps, benchmarks/bench_training.py, and ~1.5x faster inference,
+    benchmarks/bench_model.py; oneDNN's channels_last kernels are what makes it faster)."""
     import torch
 
     return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available())
