@@ -62,6 +62,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"  # written last: its presence marks a finished run
 NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -75,7 +76,9 @@ class TrainConfig:
 
     ``init`` (a model package, or ``"default"``: the embedded model) starts from that
     package's backbone with a new head, instead of ``pretrained`` weights; ``freeze_epochs``
-    keeps the backbone frozen for the first epochs. ``val_seed`` draws the data rows (the
+    keeps the backbone frozen for the first epochs. ``precision`` is the forward passes'
+    arithmetic while training (:func:`autocast_dtype`); validation, the test split and the
+    package are float32 whatever it is. ``val_seed`` draws the data rows (the
     validation carve, and the ``subset_per_class`` subsets) with its own seed, so that every
     run of a study, whatever its ``seed``, validates on the very same images; ``None`` draws
     them with ``seed`` (the study's carve differed per seed). The sampler, augmentation and
@@ -110,6 +113,7 @@ class TrainConfig:
     init: str | None = field(default=None, metadata=AFTER_STUDY)
     freeze_epochs: int = field(default=0, metadata=AFTER_STUDY)
     val_seed: int | None = field(default=None, metadata=AFTER_STUDY)
+    precision: str = field(default="auto", metadata=AFTER_STUDY)
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -120,6 +124,8 @@ class TrainConfig:
         if self.negatives not in NEGATIVE_STRATEGIES:
             raise CasdError(f"unknown {param('negatives')} strategy {self.negatives!r}; use one of "
                             f"{', '.join(NEGATIVE_STRATEGIES)}")
+        if self.precision not in PRECISIONS:
+            raise CasdError(f"unknown {param('precision')} {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise CasdError(f"{param(key)} must be at least 1, got {getattr(self, key)}")
@@ -179,6 +185,20 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 BRANCHES = ("anchor", "positive", "negative")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """What training's forward passes autocast to (``None``: float32 throughout).
+
+    ``auto`` is float16 on CUDA (with a gradient scaler) and float32 elsewhere; ``bf16`` is
+    bfloat16 on any device, 1.4-1.5x faster CE steps on a CPU with bfloat16 instructions
+    (``benchmarks/bench_training.py --alternatives``) and needing no scaler: it has float32's
+    range."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
 def _average_loss_gradients(loss_fn: torch.nn.Module) -> None:
     """Average the loss module's gradients (the learnable α) over the ranks, in one
     all-reduce: DDP averages the model's, but α lives in the loss, outside DDP, and must stay
@@ -194,22 +214,23 @@ def _average_loss_gradients(loss_fn: torch.nn.Module) -> None:
 
 def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor],
-                  device: torch.device, progress: float = 0.0) -> tuple[Any, torch.Tensor, torch.Tensor]:
+                  device: torch.device, progress: float = 0.0,
+                  precision: str = "auto") -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One optimisation step on a triplet batch; returns the loss output and the anchors'
     logits and embeddings (detached), which feed the confusion/centroid negative mining.
     ``progress`` (the fraction of the run's steps done before this one) goes to the loss, for
-    a scheduled distillation weight.
+    a scheduled distillation weight; ``precision`` is :func:`autocast_dtype`'s.
 
     The branches present in ``batch`` go through the network as one concatenated batch:
     one forward pass is faster than three and the weights are shared anyway. Under a process
     group ``model`` is the DDP wrapper and the loss's gradients are averaged here.
     """
-    cuda = device.type == "cuda"
+    dtype = autocast_dtype(precision, device)
     branches = [k for k in BRANCHES if k in batch]
     images = torch.cat([batch[k] for k in branches]).to(device, non_blocking=True)
     labels = [batch[f"{k}_label"].to(device, non_blocking=True) for k in branches]
     # no layout change here: the model's own (channels_last where faster) is what convolutions follow
-    with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits, features = model(images, return_features=True)
     chunks = logits.float().chunk(len(branches))
     partners = dict(zip(("z2", "y2", "z3", "y3"),
@@ -291,7 +312,7 @@ class Trainer:
         warmup = max(1, int(cfg.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _warmup_cosine(step, warmup, total))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(cfg.precision, self.device) == torch.float16)
         self.start_epoch = 0
         self.best_val = -1.0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -398,7 +419,7 @@ class Trainer:
             # From the step count, not a counter: a resumed run continues the same schedule.
             progress = (epoch * self.steps_per_epoch + step) / total_steps
             out, anchor_logits, anchor_features = training_step(
-                self.net, self.loss, self.optimizer, self.scaler, batch, self.device, progress)
+                self.net, self.loss, self.optimizer, self.scaler, batch, self.device, progress, self.cfg.precision)
             self.scheduler.step()
 
             anchors = batch["anchor_label"]

@@ -237,11 +237,12 @@ def test_new_settings_at_their_defaults_keep_old_fingerprints(aid_root: Path, tm
     base = TrainConfig(data_root=Path("/data/aid150"), split_csv=Path("/data/aid150/split_20.csv"),
                        out_dir=Path("/runs/x"))
     assert base.fingerprint() == "f8e268d89899888a"
-    same = replace(base, val_seed=None, loss=LossConfig(distill_schedule="constant"))
+    same = replace(base, val_seed=None, loss=LossConfig(distill_schedule="constant"), precision="auto")
     assert same.fingerprint() == base.fingerprint()
     changed = {replace(base, val_seed=0).fingerprint(), replace(base, val_seed=1).fingerprint(),
-               replace(base, loss=LossConfig(distill_schedule="cosine")).fingerprint(), base.fingerprint()}
-    assert len(changed) == 4
+               replace(base, loss=LossConfig(distill_schedule="cosine")).fingerprint(),
+               replace(base, precision="bf16").fingerprint(), base.fingerprint()}
+    assert len(changed) == 5
 
 
 def test_cosine_schedule_and_fixed_carve_train_log_and_package(aid_root: Path, tmp_path: Path) -> None:
@@ -272,3 +273,40 @@ def test_cosine_schedule_and_fixed_carve_train_log_and_package(aid_root: Path, t
     assert [s.path for s in replayed_rows(package, out, aid_root, split).val] == [s.path for s in carved]
     assert package.metrics["validation"]["num_samples"] == len(carved) == 30
     assert carved != training_rows(aid_root, split, 0.25, 1).val
+
+
+def test_bf16_precision_autocasts_the_forward_pass_and_keeps_float32_weights(aid_root: Path, tmp_path: Path) -> None:
+    """`--precision bf16` on CPU: the convolutions run in bfloat16 while the weights, their
+    update and the package stay float32; `auto` (the default) stays float32 on CPU; an
+    unknown precision is one clear error."""
+    import torch
+
+    from casd_core.errors import CasdError
+    from casd_core.losses import LossConfig, build_loss
+    from casd_core.models import build_model
+    from casd_core.train import training_step
+
+    model = build_model("efficientnet_lite0", 30, pretrained=None).train()
+    loss = build_loss(LossConfig(method="ce"), 30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batch = {"anchor": torch.rand(4, 3, 32, 32), "anchor_label": torch.tensor([0, 1, 2, 3])}
+    seen: list[torch.dtype] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = first_conv.weight.detach().clone()
+    for precision in ("bf16", "auto"):
+        training_step(model, loss, optimizer, scaler, batch, torch.device("cpu"), precision=precision)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert first_conv.weight.dtype == torch.float32 and not torch.equal(first_conv.weight, before)
+
+    split = small_split(aid_root, tmp_path, train_per_class=4, test_per_class=1)
+    args = ["train", "--data", str(aid_root), "--split", str(split), "--out", str(tmp_path / "run"), "--method",
+            "casd", "--epochs", "1", "--input-size", "32", "--batch-size", "16", "--pretrained", "none",
+            "--device", "cpu", "--workers", "0"]
+    assert main(args + ["--precision", "bf16"]) == 0
+    package = ModelPackage.load(tmp_path / "run" / "model.safetensors")
+    assert package.training["precision"] == "bf16"
+    assert {tensor.dtype for tensor in package.state_dict.values() if tensor.is_floating_point()} == {torch.float32}
+    with pytest.raises(CasdError, match="unknown precision 'fp16'; use one of auto, fp32, bf16"):
+        TrainConfig(data_root=aid_root, split_csv=split, out_dir=tmp_path / "other", precision="fp16")

@@ -41,10 +41,12 @@ def estimate(path: Path, steps: int, runs: Path, batch_size: int | None) -> dict
     trainer.model.train()
     batches = iter(trainer.train_loader)
     for _ in range(WARMUP_STEPS):
-        training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device)
+        training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device,
+                      precision=cfg.precision)
     started = time.process_time()
     for _ in range(steps):
-        training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device)
+        training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device,
+                      precision=cfg.precision)
     step_cpu = (time.process_time() - started) / steps * cfg.batch_size / timed.batch_size
     val = trainer.data.val
     sample = SceneDataset(val.samples[:EVAL_IMAGES], val.class_names, val.transform)
