@@ -45,8 +45,18 @@ class Row:
     def run_dir(self, runs_dir: Path, seed: int) -> Path:
         return runs_dir / self.name / f"seed{seed}"
 
-    def finished(self, runs_dir: Path, seed: int) -> bool:
-        return (self.run_dir(runs_dir, seed) / RESULT_NAME).is_file()
+    def finished(self, runs_dir: Path, seed: int, data_root: Path | None = None) -> bool:
+        """Whether that seed's run is done; one trained with other settings than this row's now
+        (the row file or its base edited since) is an error, not a finished seed of the row."""
+        path = self.run_dir(runs_dir, seed) / RESULT_NAME
+        if not path.is_file():
+            return False
+        recorded = json.loads(path.read_text()).get("fingerprint")  # absent: finished before it was recorded
+        if recorded and recorded != train_config(self, seed, runs_dir, data_root).fingerprint():
+            raise CasdError(f"{path.parent} was trained with other settings than {self.path} gives now (the row "
+                            "or a file it extends changed since); move that folder away to train the row anew, "
+                            "or restore the settings it was trained with")
+        return True
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +106,7 @@ def run_row(row: Row, runs_dir: Path, data_root: Path | None = None, device: str
     """Train every seed of ``row`` (or only ``seeds``), resuming unfinished and skipping finished ones."""
     seeds = row.seeds if seeds is None else seeds
     for seed in seeds:
-        if not row.finished(runs_dir, seed):  # result.json suffices: weights may live elsewhere
+        if not row.finished(runs_dir, seed, data_root):  # result.json suffices: weights may live elsewhere
             train(train_config(row, seed, runs_dir, data_root, device, workers), monitor)
     return [seed_summary(row.run_dir(runs_dir, seed)) for seed in seeds]
 
@@ -109,7 +119,7 @@ def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path
     matter most finish first when a session ends early. A child's output goes to
     ``<run dir>/train.log``; failed seeds are listed at the end and can simply be rerun.
     """
-    pending = [(row, seed) for row in rows for seed in row.seeds if not row.finished(runs_dir, seed)]
+    pending = [(row, seed) for row in rows for seed in row.seeds if not row.finished(runs_dir, seed, data_root)]
     running: list[tuple[Row, int, subprocess.Popen]] = []
     failed: list[str] = []
     try:
@@ -203,11 +213,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def summary_table(rows: list[Row], runs_dir: Path) -> str:
+def summary_table(rows: list[Row], runs_dir: Path, data_root: Path | None = None) -> str:
     """A Markdown table: mean ± std over the finished seeds of every row (test split); a TTA
     column once any seed has been scored with it (over the seeds that have)."""
     done_of = {row.name: [seed_summary(row.run_dir(runs_dir, seed)) for seed in row.seeds
-                          if row.finished(runs_dir, seed)] for row in rows}
+                          if row.finished(runs_dir, seed, data_root)] for row in rows}
     with_tta = any(d["tta_accuracy"] is not None for done in done_of.values() for d in done)
     tta_head, tta_rule = (" TTA OA % |", "---|") if with_tta else ("", "")
     lines = [f"| row | method | seeds done | OA % |{tta_head} kappa × 100 | val OA % | train min/seed | images/s |",

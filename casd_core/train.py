@@ -60,7 +60,7 @@ from casd_core.style import CLASSES_FILE, training_class_colors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
-RESULT_NAME = "result.json"  # written last: its presence marks a finished run
+RESULT_NAME = "result.json"  # written last: its presence marks a finished run (of its fingerprint's settings)
 NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -580,8 +580,8 @@ class Trainer:
         return TrainResult(path, metrics)
 
     def _write_result(self, metrics: dict[str, Any]) -> None:
-        write_text_atomic(json.dumps({"seed": self.cfg.seed, "metrics": metrics}, indent=2),
-                          self.cfg.out_dir / RESULT_NAME)
+        result = {"seed": self.cfg.seed, "fingerprint": self.cfg.fingerprint(), "metrics": metrics}
+        write_text_atomic(json.dumps(result, indent=2), self.cfg.out_dir / RESULT_NAME)
 
 
 def train(cfg: TrainConfig, monitor: Monitor | None = None) -> TrainResult:

@@ -248,14 +248,14 @@ def _run_experiment(args: argparse.Namespace) -> int:
             run_row(row, args.runs, args.data_root, args.device, workers=args.loader_workers)
     if args.tta:
         for row in rows:
-            for seed in (seed for seed in row.seeds if row.finished(args.runs, seed)):
+            for seed in (seed for seed in row.seeds if row.finished(args.runs, seed, args.data_root)):
                 try:
                     scores = evaluate_tta(row, seed, args.runs, args.data_root, args.device)
                 except CasdError as error:  # that seed goes without; the others and the table still come
                     print(f"casd experiment: warning: {error}", file=sys.stderr)
                     continue
                 print(f"{row.name} seed {seed}: test OA with TTA {100 * scores['overall_accuracy']:.2f} %")
-    print(summary_table(rows, args.runs))
+    print(summary_table(rows, args.runs, args.data_root))
     return 0
 
 

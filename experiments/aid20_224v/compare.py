@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     data_root = args.data_root or default_data_root()
     rows = [load_row(path) for path in args.rows]
-    finished = {row.name: [s for s in row.seeds if row.finished(args.runs, s)] for row in rows}
+    finished = {row.name: [s for s in row.seeds if row.finished(args.runs, s, data_root)] for row in rows}
     val_oa = {row.name: {s: seed_summary(row.run_dir(args.runs, s))["val_accuracy"] for s in finished[row.name]}
               for row in rows}
 
