@@ -1,7 +1,8 @@
 """Training throughput: a plain CE step vs a CS-KD and a CASD step (same backbone, batch, device),
 on CPU in both memory layouts (NCHW, and channels_last as the trainer runs it). With
-``--alternatives``, CE steps on CPU in channels_last also with bfloat16 autocast and with
-``torch.compile``, the two other speed-ups one would try there.
+``--alternatives``, the trainer's steps on CPU in channels_last also with bfloat16 autocast
+(``--precision bf16``) and CE steps with ``torch.compile``, the two other speed-ups one would
+try there.
 
 CASD forwards and back-propagates three images per anchor (anchor, positive, negative), CS-KD
 two; this measures what that costs per anchor and per image, on real AID images held in memory
@@ -20,6 +21,7 @@ import torch
 from casd_core.data import build_transforms, default_data_root, read_image, read_split
 from casd_core.losses import LossConfig, build_loss
 from casd_core.models import build_model, default_normalization
+from casd_core.runtime import prepare_cpu
 from casd_core.train import BRANCHES, training_step
 
 def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, torch.Tensor]:
@@ -43,7 +45,7 @@ def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, tor
     return batch
 
 def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str, device: torch.device,
-                      channels_last: bool, steps: int, warmup: int) -> tuple[float, float]:
+                      channels_last: bool, steps: int, warmup: int, precision: str = "auto") -> tuple[float, float]:
     loss = build_loss(LossConfig(method=method), 30).to(device)
     model = build_model(backbone, 30, pretrained="imagenet").to(device).train()
     if channels_last:
@@ -53,12 +55,12 @@ def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str
     branches = {"ce": 1, "cskd": 2, "casd": 3}[method]
     step_batch = {k: v for k, v in batch.items() if k.split("_")[0] in BRANCHES[:branches]}
     for _ in range(warmup):
-        training_step(model, loss, optimizer, scaler, step_batch, device)
+        training_step(model, loss, optimizer, scaler, step_batch, device, precision=precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        training_step(model, loss, optimizer, scaler, step_batch, device)
+        training_step(model, loss, optimizer, scaler, step_batch, device, precision=precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -66,20 +68,24 @@ def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str
     return anchors / elapsed, anchors * branches / elapsed
 
 def cpu_alternatives(batch: dict[str, torch.Tensor], backbone: str, steps: int, warmup: int) -> None:
-    """CE steps on CPU, channels_last: fp32 (the trainer's) vs bfloat16 autocast vs
-    ``torch.compile`` (its compile time reported apart, in the warm-up)."""
+    """On CPU, channels_last: the trainer's steps in float32 (``auto``) vs bfloat16 autocast,
+    then CE steps under ``torch.compile`` (its compile time is in the warm-up)."""
+    cpu = torch.device("cpu")
+    print(f"\n{'CPU, channels_last':<20}{'fp32 images/s':>15}{'bf16 images/s':>15}{'bf16 vs fp32':>14}")
+    for method in ("ce", "cskd", "casd"):
+        fp32, bf16 = (images_per_second(method, batch, backbone, cpu, True, steps, warmup, precision)[1]
+                      for precision in ("auto", "bf16"))
+        print(f"{method:<20}{fp32:>15.1f}{bf16:>15.1f}{bf16 / fp32:>13.2f}x")
     images, labels = batch["anchor"], batch["anchor_label"]
-    print(f"\n{'CE step on cpu, channels_last':<32}{'images/s':>10}{'warm-up s':>11}{'vs fp32':>9}")
+    print(f"\n{'CE step, CPU, channels_last':<32}{'images/s':>10}{'warm-up s':>11}{'vs fp32':>9}")
     fp32 = None
-    for name in ("fp32", "bfloat16 autocast", "torch.compile"):
+    for name in ("fp32", "torch.compile"):
         model = build_model(backbone, 30, pretrained="imagenet").train().to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         forward = torch.compile(model) if name == "torch.compile" else model
 
         def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.startswith("bfloat16")):
-                logits = forward(images)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -104,8 +110,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--alternatives", action="store_true",
-                        help="also time CE steps on CPU with bfloat16 autocast and with torch.compile")
+                        help="also time the steps on CPU with bfloat16 autocast, and CE steps with torch.compile")
     args = parser.parse_args()
+    prepare_cpu()  # as the trainer does: without the malloc tuning CPU steps run ~1.6x slower
     batch = real_batch(args.batch_size, args.input_size, args.backbone)
     runs = [(torch.device("cpu"), False), (torch.device("cpu"), True)]
     if torch.cuda.is_available():

@@ -84,7 +84,7 @@ def resolve_device(device: str = "auto") -> "torch.device":
 
 def prefers_channels_last(device: "torch.device") -> bool:
     """Whether convolutions run faster in the channels_last memory format on ``device``: on
-    CUDA, and on a CPU with oneDNN (EfficientNet-Lite0 at 224 px on this x86 machine: 1.4-2.3x
+    CUDA, and on a CPU with oneDNN (EfficientNet-Lite0 at 224 px on this x86 machine: 1.7-2.2x
     faster training steps, benchmarks/bench_training.py, and ~1.5x faster inference,
     benchmarks/bench_model.py; oneDNN's channels_last kernels are what makes it faster)."""
     import torch

@@ -189,9 +189,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """What training's forward passes autocast to (``None``: float32 throughout).
 
     ``auto`` is float16 on CUDA (with a gradient scaler) and float32 elsewhere; ``bf16`` is
-    bfloat16 on any device, 1.4-1.5x faster CE steps on a CPU with bfloat16 instructions
-    (``benchmarks/bench_training.py --alternatives``) and needing no scaler: it has float32's
-    range."""
+    bfloat16 on any device, with no scaler (it has float32's range). On this 2-core AVX-512
+    BF16 CPU, bfloat16 steps are no faster than float32 ones (0.83-1.01x,
+    ``benchmarks/bench_training.py --alternatives``), hence float32 there by default."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda":

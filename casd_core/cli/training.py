@@ -137,8 +137,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--workers", type=int, help="DataLoader worker processes (default: 1 on CPU, up to 8 on CUDA)")
     m.add_argument("--precision", choices=PRECISIONS, default=t("precision"),
                    help="arithmetic of the training forward passes: auto (float16 mixed precision on CUDA, "
-                        "float32 elsewhere), fp32, or bf16 (bfloat16 autocast: ~1.4x faster steps on a CPU with "
-                        "bfloat16 instructions, slower on one without); evaluation is float32 either way")
+                        "float32 elsewhere), fp32, or bf16 (bfloat16 autocast on any device; measure before "
+                        "using it on a CPU: it was no faster there in docs/BENCHMARKS.md); evaluation is float32 "
+                        "either way")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
-"""Estimate the CPU cost per seed of study rows from a few timed training steps (issue 14's queue).
+"""Estimate the wall time per seed of study rows from a few timed training steps (issue 14's queue).
 
-    nice -n 19 .venv/bin/python experiments/aid20_224v/estimate_cost.py ROW.toml ... [--steps 3] [--batch-size 16]
+    .venv/bin/python experiments/aid20_224v/estimate_cost.py ROW.toml ... [--steps 3] [--batch-size 16]
 
-Each row's seed-0 run is built as ``casd experiment`` builds it (data, loader, model, loss, CPU
-tuning), ``--steps`` training steps are timed after two warm-up steps, and evaluation on 128
-validation images. Both are measured in CPU seconds of this process (all its threads), which,
-unlike wall time, hardly moves when other jobs share the cores. ``--batch-size`` times smaller
-steps (less memory) and scales them to the row's batch. Per seed: ``epochs × (steps per epoch ×
-step + validation rows × eval) + (test + validation rows) × eval`` (the final test pass and the
+Each row's seed-0 run is built as ``casd experiment`` builds it (data, loader process, model, loss, CPU
+tuning, all the cores torch uses), ``--steps`` training steps are timed after two warm-up steps,
+and evaluation on 400 validation images. Both in wall seconds, so run it with nothing else on
+the cores (pause the queue: ``kill -STOP -- -<its pgid>``). CPU seconds would not do: how well a
+step uses the second core depends on its arithmetic (a float32 CE step keeps ~1 of 2 cores busy,
+a bfloat16 one ~1.6), so they do not predict wall time. ``--batch-size`` times smaller steps
+(less memory) and scales them to the row's batch. Per seed: ``epochs × (steps per epoch × step +
+validation rows × eval) + (test + validation rows) × eval`` (the final test pass and the
 temperature fit). Prints one Markdown row per row file, with this process's peak memory.
 """
 
@@ -27,15 +29,15 @@ from casd_core.evaluate import predict_outputs
 from casd_core.experiment import load_row, train_config
 from casd_core.train import Trainer, training_step
 
-EVAL_IMAGES = 128
+EVAL_IMAGES = 400  # one validation pass of the fixed carve
 WARMUP_STEPS = 2
 
 
 def estimate(path: Path, steps: int, runs: Path, batch_size: int | None) -> dict[str, float]:
-    """CPU seconds per training step (at the row's batch) and per evaluated image, and the
-    estimated CPU hours per seed of one row."""
+    """Wall seconds per training step (at the row's batch) and per evaluated image, and the
+    estimated wall hours per seed of one row."""
     row = load_row(path)
-    cfg = train_config(row, row.seeds[0], runs, device="cpu", workers=0)  # loader in this process: its CPU counts
+    cfg = train_config(row, row.seeds[0], runs, device="cpu")  # its own loader process, as the run has
     timed = replace(cfg, batch_size=batch_size or cfg.batch_size)
     trainer = Trainer(timed)
     trainer.model.train()
@@ -43,21 +45,21 @@ def estimate(path: Path, steps: int, runs: Path, batch_size: int | None) -> dict
     for _ in range(WARMUP_STEPS):
         training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device,
                       precision=cfg.precision)
-    started = time.process_time()
+    started = time.perf_counter()
     for _ in range(steps):
         training_step(trainer.net, trainer.loss, trainer.optimizer, trainer.scaler, next(batches), trainer.device,
                       precision=cfg.precision)
-    step_cpu = (time.process_time() - started) / steps * cfg.batch_size / timed.batch_size
+    step_s = (time.perf_counter() - started) / steps * cfg.batch_size / timed.batch_size
     val = trainer.data.val
     sample = SceneDataset(val.samples[:EVAL_IMAGES], val.class_names, val.transform)
-    started = time.process_time()
-    predict_outputs(trainer.model, sample, trainer.device, batch_size=cfg.batch_size * 2, workers=0)
-    eval_cpu = (time.process_time() - started) / len(sample)
+    started = time.perf_counter()
+    predict_outputs(trainer.model, sample, trainer.device, batch_size=cfg.batch_size * 2, workers=trainer.workers)
+    eval_s = (time.perf_counter() - started) / len(sample)
     steps_per_epoch = len(trainer.data.train) // cfg.batch_size  # full batches only, as training drops the last
     n_val, n_test = len(val), len(trainer.data.test)
-    seconds = cfg.epochs * (steps_per_epoch * step_cpu + n_val * eval_cpu) + (n_test + n_val) * eval_cpu
-    return {"name": row.name, "seeds": len(row.seeds), "steps_per_epoch": steps_per_epoch, "step_cpu": step_cpu,
-            "eval_cpu_ms": 1000 * eval_cpu, "cpu_hours_per_seed": seconds / 3600,
+    seconds = cfg.epochs * (steps_per_epoch * step_s + n_val * eval_s) + (n_test + n_val) * eval_s
+    return {"name": row.name, "seeds": len(row.seeds), "steps_per_epoch": steps_per_epoch, "step_s": step_s,
+            "eval_ms": 1000 * eval_s, "hours_per_seed": seconds / 3600,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
@@ -68,13 +70,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="time steps of this many anchors, scaled to the row's batch")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}")
-    print("| row | steps/epoch | CPU s/step | CPU ms/eval image | CPU h/seed | CPU h/row | peak GB |")
+    print("| row | steps/epoch | s/step | ms/eval image | h/seed | h/row | peak GB |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="casd-cost-") as runs:
         for path in args.rows:
             cost = estimate(path, args.steps, Path(runs), args.batch_size)
-            print(f"| {cost['name']} | {cost['steps_per_epoch']} | {cost['step_cpu']:.2f} | {cost['eval_cpu_ms']:.1f} "
-                  f"| {cost['cpu_hours_per_seed']:.2f} | {cost['cpu_hours_per_seed'] * cost['seeds']:.1f} "
+            print(f"| {cost['name']} | {cost['steps_per_epoch']} | {cost['step_s']:.2f} | {cost['eval_ms']:.1f} "
+                  f"| {cost['hours_per_seed']:.2f} | {cost['hours_per_seed'] * cost['seeds']:.1f} "
                   f"| {cost['peak_gb']:.1f} |", flush=True)
 
 

@@ -3,7 +3,7 @@
 # every 224-px row, then seed 1, then seed 2; Lite2 CASD (~18.5 GB peak: run nothing heavy beside
 # it) and the split_50 rows last (their CASD row is to become the best variant once seed 0 of
 # each has finished). Finished seeds are skipped and an interrupted one resumes from its last
-# epoch, so start it again in every session (~23 h of 2 idle cores in all, plus ~3 h of TTA):
+# epoch, so start it again in every session (~30 h of 2 idle cores in all, plus ~3 h of TTA):
 #   setsid nohup nice -n 19 bash experiments/aid20_224v/queue.sh >> runs/queue_224v.log 2>&1 &
 # After each pass over the rows, that seed's packages get their TTA score (the table's TTA column,
 # ~6 min a seed at 224 px). The body is one function, read whole before it runs, so editing this
