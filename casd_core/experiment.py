@@ -14,6 +14,7 @@ the table's TTA column.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -117,16 +118,18 @@ def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path
 
     Jobs start in the order given (rows first to last, seeds in row order), so the rows that
     matter most finish first when a session ends early. A child's output goes to
-    ``<run dir>/train.log``; failed seeds are listed at the end and can simply be rerun.
+    ``<run dir>/train.log``; failed seeds are listed at the end and can simply be rerun. On CPU
+    the children share the cores (:func:`child_environment`).
     """
     pending = [(row, seed) for row in rows for seed in row.seeds if not row.finished(runs_dir, seed, data_root)]
     running: list[tuple[Row, int, subprocess.Popen]] = []
     failed: list[str] = []
+    env = child_environment(device, parallel)
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 row, seed = pending.pop(0)
-                running.append((row, seed, _start_seed(row, seed, runs_dir, data_root, device, workers)))
+                running.append((row, seed, _start_seed(row, seed, runs_dir, data_root, device, workers, env)))
                 print(f"started {row.name} seed {seed}", flush=True)
             time.sleep(1.0)
             for job in [job for job in running if job[2].poll() is not None]:
@@ -145,8 +148,21 @@ def run_parallel(rows: list[Row], runs_dir: Path, parallel: int, data_root: Path
         raise CasdError(f"{len(failed)} run(s) failed; see {', '.join(failed)} and run the same command again")
 
 
+def child_environment(device: str, parallel: int) -> dict[str, str]:
+    """The environment of ``parallel`` training processes at once: on CPU each gets its share of
+    the cores as torch threads (``OMP_NUM_THREADS``, unless set already), not a full team each,
+    whose spinning threads would stall one another. Two 1-thread CE runs on 2 cores train 1.25x
+    as many images as one 2-thread run (docs/BENCHMARKS.md, "Seeds side by side on CPU")."""
+    from casd_core.runtime import cpu_threads, resolve_device
+
+    env = dict(os.environ)
+    if resolve_device(device).type == "cpu" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, cpu_threads() // parallel))
+    return env
+
+
 def _start_seed(row: Row, seed: int, runs_dir: Path, data_root: Path | None, device: str,
-                workers: int | None) -> subprocess.Popen:
+                workers: int | None, env: dict[str, str]) -> subprocess.Popen:
     log_path = row.run_dir(runs_dir, seed) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "casd_core.cli", "experiment", str(row.path), "--seeds", str(seed),
@@ -154,7 +170,7 @@ def _start_seed(row: Row, seed: int, runs_dir: Path, data_root: Path | None, dev
     command += ["--data", str(data_root)] if data_root else []
     command += ["--loader-workers", str(workers)] if workers is not None else []
     with log_path.open("a") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def evaluate_tta(row: Row, seed: int, runs_dir: Path, data_root: Path | None = None, device: str = "auto",

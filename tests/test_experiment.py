@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from casd_core.cli import main
-from casd_core.experiment import load_row, train_config
+from casd_core.experiment import child_environment, load_row, train_config
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -30,6 +30,16 @@ def test_rows_share_the_base_budget_and_override_only_their_choice() -> None:
         assert ce.settings[key] == casd.settings[key] == fixed.settings[key]
     assert fixed.settings["loss"]["alpha_mode"] == "fixed" and fixed.settings["negatives"] == "centroid"
     assert fixed.settings["loss"]["label_smoothing"] == casd.settings["loss"]["label_smoothing"]
+
+
+def test_parallel_runs_on_cpu_share_the_cores_as_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from casd_core.runtime import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert child_environment("cpu", 2)["OMP_NUM_THREADS"] == str(max(1, cpu_threads() // 2))
+    assert child_environment("cpu", 64)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert child_environment("cpu", 2)["OMP_NUM_THREADS"] == "3"
 
 
 def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tmp_path: Path,
