@@ -35,9 +35,10 @@ from rasterio.transform import from_origin
 from casd_core.cli import main
 from casd_core.data import read_split, stratified_validation_split, training_rows
 from casd_core.errors import CasdError
+from casd_core.losses import AFTER_STUDY
 from casd_core.models import build_model, build_model_from_package, default_normalization, package_normalization
 from casd_core.package import ModelPackage, default_model_path
-from casd_core.train import AFTER_STUDY, TrainConfig, train
+from casd_core.train import TrainConfig, train
 from test_chips import CELL, CRS_UTM, TAXONOMY, X0, Y0
 from test_defaults import NOT_RECIPE, OLD_TRAIN_DEFAULTS
 

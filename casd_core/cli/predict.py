@@ -191,7 +191,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     """Under torchrun the raster's rows are shared out over the ranks; rank 0 writes."""
     from casd_core.grid_outputs import check_requests, write_grid_outputs
     from casd_core.inference import Predictor
-    from casd_core.inference.pipeline import classify_raster_across_ranks
+    from casd_core.inference.classify import classify_raster_across_ranks
 
     if args.output.exists() and not args.overwrite:
         raise CasdError(f"{args.output} already exists; pass {param('overwrite')} to replace it")

@@ -8,7 +8,8 @@ One job per module, in the order data flows::
     reader.py     read batches of tiles in the background (TileReader)
     predictor.py  the model package, batched and normalised on the device, TTA (Predictor)
     labels.py     probabilities -> features: top-3, abstention, smoothing onto cells (TilePrediction)
-    pipeline.py   stream TilePredictions over one raster, write it atomically (classify_raster)
+    pipeline.py   stream TilePredictions over one raster (iter_tile_predictions, TileStream)
+    classify.py   one raster -> one output file, atomically; rows shared over ranks (classify_raster)
     batch.py      a folder: one output per raster, resumable (classify_folder)
 
 The public names are re-exported here, so ``from casd_core.inference import Predictor`` keeps
@@ -17,9 +18,9 @@ working whatever module a name lives in.
 
 from casd_core.inference.batch import (BatchSummary, FileResult, RASTER_SUFFIXES, classify_folder,
                                        find_rasters, output_path_for)
+from casd_core.inference.classify import RasterSummary, classify_raster, predictor_for
 from casd_core.inference.labels import TilePrediction
-from casd_core.inference.pipeline import (InferenceConfig, RasterSummary, TileStream, classify_raster,
-                                          iter_tile_predictions, predictor_for)
+from casd_core.inference.pipeline import InferenceConfig, TileStream, iter_tile_predictions
 from casd_core.inference.predictor import Predictor
 from casd_core.inference.radiometry import RadiometryConfig
 from casd_core.inference.raster import RasterPlan, nodata_mask, open_raster, plan_raster, select_bands

@@ -22,8 +22,8 @@ from rasterio.errors import RasterioError, RasterioIOError
 from casd_core import vectorio
 from casd_core.atomic import remove_stale_partials, write_text_atomic
 from casd_core.errors import Cancelled, CasdError, param, render_params
-from casd_core.inference.pipeline import (InferenceConfig, RasterSummary, active_process_group, classify_raster,
-                                          predictor_for)
+from casd_core.inference.classify import RasterSummary, active_process_group, classify_raster, predictor_for
+from casd_core.inference.pipeline import InferenceConfig
 from casd_core.inference.radiometry import RadiometryConfig
 from casd_core.progress import Monitor
 from casd_core.tiling import TilingConfig

@@ -131,7 +131,7 @@ class ClassifyRasterAlgorithm(CasdAlgorithm):
         extent = self.parameterAsExtent(parameters, EXTENT, context, raster.crs())
         with user_errors(self, PARAMETERS):
             from casd_core.inference import Predictor, iter_tile_predictions
-            from casd_core.inference.pipeline import describe_values
+            from casd_core.inference.classify import describe_values
             from casd_core.vectorio import qml_style
 
             source = raster_file(raster)

@@ -25,13 +25,12 @@ checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
 from casd_core.finetune import (check_backbone, keep_batch_norm_statistics, resolve_init, set_backbone_frozen,
                                 training_scale)
-from casd_core.losses import AFTER_STUDY, LossConfig, build_loss
+from casd_core.losses import build_loss
 from casd_core.models import (batch_norm_lags, build_model, build_model_from_package, default_normalization,
                               package_normalization, recompute_batch_norm)
 from casd_core.package import ModelPackage
@@ -57,110 +56,12 @@ from casd_core.runtime import prefers_channels_last, prepare_cpu
 from casd_core.sampling import (TripletDataset, TripletSampler, class_similarity_from_centroids,
                                 class_similarity_from_confusion)
 from casd_core.style import CLASSES_FILE, training_class_colors
+from casd_core.train.config import TrainConfig
+from casd_core.train.step import BRANCHES, autocast_dtype, training_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"  # written last: its presence marks a finished run (of its fingerprint's settings)
-NEGATIVE_STRATEGIES = ("random", "confusion", "centroid")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; stored in the checkpoint and the package.
-
-    The defaults (with :class:`~casd_core.losses.LossConfig`'s) are the recipe of the shipped
-    model, ``experiments/aid20_224/casd.toml``: CASD, EfficientNet-Lite0, 224 px, 20 epochs;
-    ``tests/test_defaults.py`` checks them against the package's recorded training config.
-    Data-specific settings (paths, bands, GSD, tile footprint) have no recipe default.
-
-    ``init`` (a model package, or ``"default"``: the embedded model) starts from that
-    package's backbone with a new head, instead of ``pretrained`` weights; ``freeze_epochs``
-    keeps the backbone frozen for the first epochs. ``precision`` is the forward passes'
-    arithmetic while training (:func:`autocast_dtype`); validation, the test split and the
-    package are float32 whatever it is. ``val_seed`` draws the data rows (the
-    validation carve, and the ``subset_per_class`` subsets) with its own seed, so that every
-    run of a study, whatever its ``seed``, validates on the very same images; ``None`` draws
-    them with ``seed`` (the study's carve differed per seed). The sampler, augmentation and
-    weights always follow ``seed``. Settings added after the study carry
-    ``metadata=AFTER_STUDY`` (see :meth:`fingerprint`).
-    """
-
-    data_root: Path
-    split_csv: Path | None
-    out_dir: Path
-    method: str = "casd"
-    backbone: str = "efficientnet_lite0"
-    pretrained: str | None = "imagenet"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    input_size: int = 224
-    val_fraction: float = 0.1
-    seed: int = 0
-    negatives: str = "centroid"
-    loss: LossConfig = field(default_factory=LossConfig)
-    subset_per_class: int | None = None
-    package_name: str = "model.safetensors"
-    device: str = "auto"
-    workers: int | None = None
-    bands: tuple[int, ...] | None = None
-    value_scale: float | None = None
-    gsd_m: float | None = None
-    tile_footprint_m: float | None = None
-    init: str | None = field(default=None, metadata=AFTER_STUDY)
-    freeze_epochs: int = field(default=0, metadata=AFTER_STUDY)
-    val_seed: int | None = field(default=None, metadata=AFTER_STUDY)
-    precision: str = field(default="auto", metadata=AFTER_STUDY)
-
-    def __post_init__(self) -> None:
-        self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
-        self.split_csv = Path(self.split_csv) if self.split_csv else None
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        self.loss.method = self.method
-        if self.negatives not in NEGATIVE_STRATEGIES:
-            raise CasdError(f"unknown {param('negatives')} strategy {self.negatives!r}; use one of "
-                            f"{', '.join(NEGATIVE_STRATEGIES)}")
-        if self.precision not in PRECISIONS:
-            raise CasdError(f"unknown {param('precision')} {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise CasdError(f"{param(key)} must be at least 1, got {getattr(self, key)}")
-        if self.freeze_epochs < 0:
-            raise CasdError(f"{param('freeze_epochs')} must be 0 or more, got {self.freeze_epochs}")
-        self.init = str(self.init) if self.init else None
-        if not 0 <= self.val_fraction < 1:
-            raise CasdError(f"{param('val_fraction')} must be in [0, 1), got {self.val_fraction}")
-        if self.val_seed is not None and self.val_seed < 0:
-            raise CasdError(f"{param('val_seed')} must be 0 or more, got {self.val_seed}")
-
-    @property
-    def data_seed(self) -> int:
-        """The seed the data rows are drawn with: ``val_seed``, or ``seed`` when it is ``None``."""
-        return self.seed if self.val_seed is None else self.val_seed
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str))
-
-    def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed: every setting but ``device``,
-        ``workers`` and ``out_dir``, and but a setting added after the study (field metadata
-        :data:`AFTER_STUDY`, here or in the :class:`~casd_core.losses.LossConfig`) while it is
-        at its default, so that adding a setting never changes the fingerprint of the runs
-        configured before it existed."""
-        omitted = {"device", "workers", "out_dir"} | _after_study_at_default(self)
-        settings = {k: v for k, v in self.to_json().items() if k not in omitted}
-        omitted_loss = _after_study_at_default(self.loss)
-        settings["loss"] = {k: v for k, v in settings["loss"].items() if k not in omitted_loss}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _after_study_at_default(config: Any) -> set[str]:
-    """The names of ``config``'s settings added after the study that are at their default."""
-    return {f.name for f in fields(config) if f.metadata.get("after_study") and getattr(config, f.name) == f.default}
 
 
 @dataclass
@@ -181,68 +82,6 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
-BRANCHES = ("anchor", "positive", "negative")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """What training's forward passes autocast to (``None``: float32 throughout).
-
-    ``auto`` is float16 on CUDA (with a gradient scaler) and float32 elsewhere; ``bf16`` is
-    bfloat16 on any device, with no scaler (it has float32's range). On this 2-core AVX-512
-    BF16 CPU, bfloat16 steps are no faster than float32 ones (0.83-1.01x,
-    ``benchmarks/bench_training.py --alternatives``), hence float32 there by default."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda":
-        return torch.float16
-    return None
-
-
-def _average_loss_gradients(loss_fn: torch.nn.Module) -> None:
-    """Average the loss module's gradients (the learnable α) over the ranks, in one
-    all-reduce: DDP averages the model's, but α lives in the loss, outside DDP, and must stay
-    the same number on every rank."""
-    params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = distributed.all_reduce(flat, "mean")
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p).clone()
-
-
-def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor],
-                  device: torch.device, progress: float = 0.0,
-                  precision: str = "auto") -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """One optimisation step on a triplet batch; returns the loss output and the anchors'
-    logits and embeddings (detached), which feed the confusion/centroid negative mining.
-    ``progress`` (the fraction of the run's steps done before this one) goes to the loss, for
-    a scheduled distillation weight; ``precision`` is :func:`autocast_dtype`'s.
-
-    The branches present in ``batch`` go through the network as one concatenated batch:
-    one forward pass is faster than three and the weights are shared anyway. Under a process
-    group ``model`` is the DDP wrapper and the loss's gradients are averaged here.
-    """
-    dtype = autocast_dtype(precision, device)
-    branches = [k for k in BRANCHES if k in batch]
-    images = torch.cat([batch[k] for k in branches]).to(device, non_blocking=True)
-    labels = [batch[f"{k}_label"].to(device, non_blocking=True) for k in branches]
-    # no layout change here: the model's own (channels_last where faster) is what convolutions follow
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits, features = model(images, return_features=True)
-    chunks = logits.float().chunk(len(branches))
-    partners = dict(zip(("z2", "y2", "z3", "y3"),
-                        [t for pair in zip(chunks[1:], labels[1:]) for t in pair]))
-    out = loss_fn(chunks[0], labels[0], **partners, progress=progress)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out.total).backward()
-    if distributed.is_distributed():
-        _average_loss_gradients(loss_fn)
-    scaler.step(optimizer)
-    scaler.update()
-    return out, chunks[0].detach(), features[: len(labels[0])].detach()
 
 
 class Trainer:
