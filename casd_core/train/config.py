@@ -112,4 +112,3 @@ class TrainConfig:
 def _after_study_at_default(config: Any) -> set[str]:
     """The names of ``config``'s settings added after the study that are at their default."""
     return {f.name for f in fields(config) if f.metadata.get("after_study") and getattr(config, f.name) == f.default}
-

@@ -69,4 +69,3 @@ def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: t
     scaler.step(optimizer)
     scaler.update()
     return out, chunks[0].detach(), features[: len(labels[0])].detach()
-

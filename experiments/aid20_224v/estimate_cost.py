@@ -2,15 +2,15 @@
 
     .venv/bin/python experiments/aid20_224v/estimate_cost.py ROW.toml ... [--steps 3] [--batch-size 16]
 
-Each row's seed-0 run is built as ``casd experiment`` builds it (data, loader process, model, loss, CPU
-tuning, all the cores torch uses), ``--steps`` training steps are timed after two warm-up steps,
-and evaluation on 400 validation images. Both in wall seconds, so run it with nothing else on
-the cores (pause the queue: ``kill -STOP -- -<its pgid>``). CPU seconds would not do: how well a
-step uses the second core depends on its arithmetic (a float32 CE step keeps ~1 of 2 cores busy,
-a bfloat16 one ~1.6), so they do not predict wall time. ``--batch-size`` times smaller steps
-(less memory) and scales them to the row's batch. Per seed: ``epochs × (steps per epoch × step +
-validation rows × eval) + (test + validation rows) × eval`` (the final test pass and the
-temperature fit). Prints one Markdown row per row file, with this process's peak memory.
+Each row's seed-0 run is built as ``casd experiment`` builds it (data, loader process, model,
+loss, CPU tuning, all the cores torch uses), ``--steps`` training steps are timed after two
+warm-up steps, and evaluation on 400 validation images. Both in wall seconds, so run it with
+nothing else on the cores (pause the queue: ``kill -STOP -- -<its pgid>``). CPU seconds would not
+do: the wall time they map to depends on how well a row's steps use the second core (here wall
+≈ 0.77 × the 1-thread CPU time for CASD, 0.87 × for CE), not a constant. ``--batch-size`` times
+smaller steps (less memory) and scales them to the row's batch. Per seed: ``epochs × (steps per
+epoch × step + validation rows × eval) + (test + validation rows) × eval`` (the final test pass
+and the temperature fit). Prints one Markdown row per row file, with this process's peak memory.
 """
 
 from __future__ import annotations
