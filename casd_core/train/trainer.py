@@ -83,7 +83,6 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-
 class Trainer:
     """Runs a :class:`TrainConfig` to a model package, resuming from its checkpoint; one rank
     of a distributed run when ``where`` is (see the module's docstring)."""
