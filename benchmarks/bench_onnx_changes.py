@@ -146,7 +146,7 @@ def torch_padding(rounds: int) -> None:
     from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 
     from casd_core.inference import Predictor
-    from casd_core.models import _same_padding_conv2d
+    from casd_core.models.backbones import _same_padding_conv2d
 
     predictor = Predictor.from_package(None, "cpu")
     convs = [m for m in predictor.model.modules() if isinstance(m, Conv2dDynamicSamePadding)]

