@@ -75,8 +75,8 @@ def main() -> None:
         labels = labels_over(raster, Path(tmp) / "labels.gpkg")
         result = run(raster, labels, Path(tmp) / "chips")
     print(result["output"].strip().splitlines()[-1] if result["output"].strip() else "")
-    print(f"| mosaic | chips | wall s | chips/s | peak RSS (process tree) |")
-    print(f"|---|---|---|---|---|")
+    print("| mosaic | chips | wall s | chips/s | peak RSS (process tree) |")
+    print("|---|---|---|---|---|")
     print(f"| {args.size:,}² px, 0.25 m | {result['chips']:,} | {result['seconds']:.1f} | "
           f"{result['chips'] / result['seconds']:.1f} | {result['peak_mb']:.0f} MB |")
 

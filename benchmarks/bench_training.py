@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
 
@@ -23,6 +24,7 @@ from casd_core.losses import LossConfig, build_loss
 from casd_core.models import build_model, default_normalization
 from casd_core.runtime import prepare_cpu
 from casd_core.train import BRANCHES, training_step
+
 
 def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, torch.Tensor]:
     """A triplet batch of real AID images (anchors, same-class positives, other-class negatives)."""
@@ -44,8 +46,27 @@ def real_batch(batch_size: int, input_size: int, backbone: str) -> dict[str, tor
         batch[f"{name}_label"] = torch.tensor([s.label for s in samples])
     return batch
 
+
+def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(steps/s over ``steps`` timed steps, seconds of the ``warmup`` steps before them, where
+    any compile time lands); CUDA is synchronised so that its queued work is counted."""
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - started), warm
+
+
 def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str, device: torch.device,
                       channels_last: bool, steps: int, warmup: int, precision: str = "auto") -> tuple[float, float]:
+    """Anchors/s and images/s of the trainer's own ``training_step`` for ``method``."""
     loss = build_loss(LossConfig(method=method), 30).to(device)
     model = build_model(backbone, 30, pretrained="imagenet").to(device).train()
     if channels_last:
@@ -54,18 +75,11 @@ def images_per_second(method: str, batch: dict[str, torch.Tensor], backbone: str
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     branches = {"ce": 1, "cskd": 2, "casd": 3}[method]
     step_batch = {k: v for k, v in batch.items() if k.split("_")[0] in BRANCHES[:branches]}
-    for _ in range(warmup):
-        training_step(model, loss, optimizer, scaler, step_batch, device, precision=precision)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        training_step(model, loss, optimizer, scaler, step_batch, device, precision=precision)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    anchors = len(batch["anchor"]) * steps
-    return anchors / elapsed, anchors * branches / elapsed
+    steps_per_s, _ = timed(lambda: training_step(model, loss, optimizer, scaler, step_batch, device,
+                                                 precision=precision), steps, warmup, device)
+    anchors_per_s = len(batch["anchor"]) * steps_per_s
+    return anchors_per_s, anchors_per_s * branches
+
 
 def cpu_alternatives(batch: dict[str, torch.Tensor], backbone: str, steps: int, warmup: int) -> None:
     """On CPU, channels_last: the trainer's steps in float32 (``auto``) vs bfloat16 autocast,
@@ -90,14 +104,8 @@ def cpu_alternatives(batch: dict[str, torch.Tensor], backbone: str, steps: int, 
             loss.backward()
             optimizer.step()
 
-        started = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        warm = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rate = steps * len(images) / (time.perf_counter() - started)
+        steps_per_s, warm = timed(step, steps, warmup, cpu)
+        rate = steps_per_s * len(images)
         fp32 = fp32 or rate
         print(f"{name:<32}{rate:>10.1f}{warm:>11.1f}{rate / fp32:>8.2f}x")
 
@@ -136,6 +144,7 @@ def main() -> None:
                   f"{ce_rate / anchors_s:>18.2f}x{speedup:>9}")
     if args.alternatives:
         cpu_alternatives(batch, args.backbone, args.steps, args.warmup)
+
 
 if __name__ == "__main__":
     main()
