@@ -74,11 +74,15 @@ def resolve_init(init: str | None) -> InitModel | None:
     return InitModel(path.resolve(), file_sha256(path), package)
 
 
-def check_backbone(init: InitModel, backbone: str) -> None:
-    """The run's backbone must be the package's (the recorded config then tells the truth)."""
-    if init.package.backbone != backbone:
-        raise CasdError(f"the {param('init')} model {init.path.name} is a {init.package.backbone!r}; "
-                        f"pass {param('backbone')} {init.package.backbone} to fine-tune it")
+def finetune_backbone(init: InitModel, requested: str, default: str) -> str:
+    """The backbone a fine-tune trains: the package's own, whose weights fit no other. A
+    ``requested`` one other than it and than the ``default`` (i.e. one chosen on purpose) is
+    refused rather than silently replaced."""
+    own = init.package.backbone
+    if requested not in (own, default):
+        raise CasdError(f"the {param('init')} model {init.path.name} is a {own!r}, not a {requested!r}; "
+                        f"leave {param('backbone')} unset (or pass {own}) to fine-tune it")
+    return own
 
 
 def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:

@@ -3,6 +3,7 @@ init, ONNX export at its native 260 px (issue 14)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from casd_core.data import build_transforms, read_image, read_split
+from casd_core.errors import CasdError
 from casd_core.models import build_model, build_model_from_package, default_normalization, lite_weights_path
 from casd_core.package import ModelPackage, default_class_colors
+from casd_core.train import TrainConfig, train
 
 NATIVE = 260  # efficientnet_lite_pytorch's global params for lite2: (1.1, 1.2, 260, 0.3)
 # What a folded export is made of: the TF-"same" padding arithmetic on the input's shape (Shape,
@@ -87,3 +90,19 @@ def test_lite2_onnx_export_folds_its_padding_and_matches_torch(lite2_package: Pa
     assert got.shape == (2, 30)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_fine_tuning_a_lite2_package_trains_its_backbone_without_naming_it(lite2_package: Path, aid_root: Path,
+                                                                           tmp_path: Path) -> None:
+    # The train defaults name Lite0; a fine-tune from any other package (a Lite2 default model,
+    # the plugin's polygon training, which has no backbone setting) trains the package's own.
+    cfg = TrainConfig(data_root=aid_root, split_csv=aid_root / "split_20.csv", out_dir=tmp_path / "run",
+                      method="ce", epochs=1, freeze_epochs=1, input_size=64, batch_size=16, subset_per_class=4,
+                      val_fraction=0.25, init=str(lite2_package), device="cpu")
+    result = train(cfg)
+    tuned = ModelPackage.load(result.package_path)
+    assert tuned.backbone == tuned.training["backbone"] == "efficientnet_lite2"
+    assert train(cfg).package_path == result.package_path  # the same fingerprint: finished, not refused
+    with pytest.raises(CasdError, match="is a 'efficientnet_lite2', not a 'resnet18'") as error:
+        train(replace(cfg, backbone="resnet18", out_dir=tmp_path / "other"))
+    assert error.value.params == ["init", "backbone"]

@@ -68,7 +68,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", dest="out_dir", type=Path, required=True,
                    help="output folder: model package, metrics log, confusion matrix")
     p.add_argument("--method", choices=["ce", "cskd", "casd"], default=t("method"), help="training objective")
-    p.add_argument("--backbone", default=t("backbone"), help="network architecture (see docs for the list)")
+    p.add_argument("--backbone", default=t("backbone"),
+                   help="network architecture (see docs for the list); a fine-tune (--init) trains its model's")
     p.add_argument("--pretrained", choices=["imagenet", "none"], default=t("pretrained") or "none",
                    help="start from ImageNet weights (offline for the efficientnet_lite backbones) or from scratch "
                         "(not used with --init)")

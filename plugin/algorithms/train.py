@@ -80,7 +80,7 @@ class TrainAlgorithm(CasdAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             METHOD, "Method", options=self._methods, defaultValue=self._methods.index(TrainConfig.method)))
         self.addParameter(QgsProcessingParameterEnum(
-            BACKBONE, "Backbone", options=self._backbones,
+            BACKBONE, "Backbone (a fine-tune trains its model's)", options=self._backbones,
             defaultValue=self._backbones.index(TrainConfig.backbone)))
         self.addParameter(QgsProcessingParameterBoolean(
             PRETRAINED, "Start from ImageNet weights", defaultValue=TrainConfig.pretrained is not None))
