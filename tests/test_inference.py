@@ -64,6 +64,18 @@ def test_predictor_outputs_probabilities(predictor, package_path):
     assert predictor.name == "aid_test" and torch.get_num_threads() <= runtime.cpu_threads()
 
 
+def test_predict_raw_leaves_a_float_tile_as_it_was(predictor, naip):
+    # A float32 array is the buffer torch works in; normalising it in place once made every
+    # later call on the same tile classify other values.
+    with rasterio.open(naip) as ds:
+        tile = ds.read((1, 2, 3), window=((0, 64), (0, 64))).astype(np.float32)[None]
+    for raw in (tile, torch.from_numpy(tile.copy())):
+        before = np.array(raw, copy=True)
+        first = predictor.predict_raw(raw)
+        assert np.array_equal(np.asarray(raw), before)
+        torch.testing.assert_close(predictor.predict_raw(raw), first, atol=0, rtol=0)
+
+
 def test_device_errors():
     with pytest.raises(CasdError, match="not a device"):
         runtime.resolve_device("gpu0")

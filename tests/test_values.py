@@ -229,8 +229,10 @@ def test_tta_is_invariant_to_rotating_the_tile(model, original):
     averaged = model.predict_raw(tile, tta=True)
     rotated = model.predict_raw(torch.rot90(tile, 1, dims=(2, 3)).contiguous(), tta=True)
     assert averaged.sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.allclose(averaged, rotated, atol=2e-3)  # the same 8 views, in another order
-    assert not torch.allclose(plain, averaged, atol=2e-3)
+    # the same 8 views in another order: 6e-8 apart with the default model on this tile, while
+    # the average moves a class probability by 0.23 from the plain one
+    assert torch.allclose(averaged, rotated, atol=1e-5)
+    assert not torch.allclose(plain, averaged, atol=1e-2)
 
 
 def test_stream_reports_the_mapping_once_before_any_tile(model, scaled_copies):

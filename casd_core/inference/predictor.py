@@ -93,7 +93,9 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory() if x.device.type == "cpu" else x
         x = x.to(self.device, non_blocking=True).float()
-        return x.mul_(self._scale).sub_(self._offset)
+        # Out of place: for a float32 input on the device, x *is* the caller's array, and
+        # normalising it in place made every later call on it see other values.
+        return x * self._scale - self._offset
 
     def _logits(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch
