@@ -250,7 +250,7 @@ def to_unit_range(pixels: torch.Tensor | np.ndarray, value_scale: float | None, 
             raise CasdError(f"{source} holds {pixels.dtype} pixels; give the {param('value_scale')} "
                             "explicitly (e.g. 10000 for reflectance, 65535 for full-range uint16)")
         value_scale = 255.0
-    return pixels.float().div_(value_scale)
+    return pixels.float() / value_scale  # out of place: a float32 input is the caller's buffer
 
 
 class RandomRightAngleRotation(torch.nn.Module):
