@@ -85,6 +85,13 @@ def finetune_backbone(init: InitModel, requested: str, default: str) -> str:
     return own
 
 
+def finetune_input_size(init: InitModel, requested: int, default: int) -> int:
+    """The image side a fine-tune trains at: the package's own (the scale its features were
+    trained at, 260 px for a Lite2 package) when ``requested`` is the ``default``, else the
+    one asked for."""
+    return init.package.input_size if requested == default else requested
+
+
 def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
     """Freeze (or thaw) ``model.backbone``: no gradients, and its dropout layers in eval mode.
     Call after ``model.train()``; the head always trains."""

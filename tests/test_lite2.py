@@ -14,7 +14,7 @@ from casd_core.data import build_transforms, read_image, read_split
 from casd_core.errors import CasdError
 from casd_core.models import build_model, build_model_from_package, default_normalization, lite_weights_path
 from casd_core.package import ModelPackage, default_class_colors
-from casd_core.train import TrainConfig, train
+from casd_core.train import TrainConfig, Trainer, train
 
 NATIVE = 260  # efficientnet_lite_pytorch's global params for lite2: (1.1, 1.2, 260, 0.3)
 # What a folded export is made of: the TF-"same" padding arithmetic on the input's shape (Shape,
@@ -102,7 +102,10 @@ def test_fine_tuning_a_lite2_package_trains_its_backbone_without_naming_it(lite2
     result = train(cfg)
     tuned = ModelPackage.load(result.package_path)
     assert tuned.backbone == tuned.training["backbone"] == "efficientnet_lite2"
+    assert tuned.input_size == tuned.training["input_size"] == 64  # as asked for
     assert train(cfg).package_path == result.package_path  # the same fingerprint: finished, not refused
+    # left at the default size, it trains at the package's own 260 px
+    assert Trainer(replace(cfg, input_size=TrainConfig.input_size, out_dir=tmp_path / "native")).cfg.input_size == NATIVE
     with pytest.raises(CasdError, match="is a 'efficientnet_lite2', not a 'resnet18'") as error:
         train(replace(cfg, backbone="resnet18", out_dir=tmp_path / "other"))
     assert error.value.params == ["init", "backbone"]
