@@ -82,7 +82,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="linear warm-up before the cosine decay")
     p.add_argument("--input-size", type=int, default=t("input_size"),
                    help="image side in pixels fed to the network (a fine-tune, --init, trains at its model's "
-                        "unless told otherwise)")
+                        "unless this names another than the default)")
     p.add_argument("--val-fraction", type=float, default=t("val_fraction"),
                    help="share of each class's train rows held out for validation")
     p.add_argument("--seed", type=int, default=t("seed"),
