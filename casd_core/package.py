@@ -117,8 +117,8 @@ class ModelPackage:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelPackage":
-        """Read a package (``.safetensors``) or the description of an ``.onnx`` export (no
-        weights); anything that is neither is refused with a clear message."""
+        """Read a package (``.safetensors``, its weights as float32) or the description of an
+        ``.onnx`` export (no weights); anything that is neither is refused with a clear message."""
         path = Path(path)
         if not path.is_file():
             raise CasdError(f"{param('model')} {path} does not exist; pass the .safetensors file "
@@ -135,7 +135,9 @@ class ModelPackage:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                state_dict = {name: handle.get_tensor(name) for name in handle.keys()}
+                # float32 whatever the storage (``save(half=True)``): every consumer then sees
+                # one dtype, and a fine-tune's weights compare with the package's
+                state_dict = {name: _float32(handle.get_tensor(name)) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CasdError(f"{not_a_package}: {exc}") from None
         try:
@@ -164,6 +166,10 @@ class ModelPackage:
                 and package.temperature > 0):
             raise CasdError(f"{not_a_package}: its class or band description is inconsistent")
         return package
+
+
+def _float32(tensor: "torch.Tensor") -> "torch.Tensor":
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def default_model_path() -> Path:

@@ -46,8 +46,11 @@ def test_half_precision_package_is_half_the_size(package: ModelPackage, tmp_path
     x = torch.rand(1, 4, 64, 64)
     with torch.inference_mode():
         reference = package.build_model()(x)
-        approx = ModelPackage.load(tmp_path / "half.safetensors").build_model()(x)
+        loaded = ModelPackage.load(tmp_path / "half.safetensors")
+        approx = loaded.build_model()(x)
     assert torch.allclose(reference, approx, atol=0.05)
+    # read back as float32, as every consumer (fine-tuning, comparisons) expects
+    assert {t.dtype for t in loaded.state_dict.values() if t.is_floating_point()} == {torch.float32}
 
 
 class _Payload:
