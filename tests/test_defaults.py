@@ -70,11 +70,9 @@ STUDY_FINGERPRINTS = {
     "aid20_224v/casd_negatives_confusion.toml": "e986973cdc0ed04b",
     "aid20_224v/ce.toml": "bbc13e03fe4ed719",
     "aid20_224v/cskd.toml": "6f2a9c361d4f0781",
-    "aid20_224v/lite2_casd_negatives_confusion.toml": "6540d6a0062258c5",
     "aid20_224v/lite2_ce.toml": "744e451145ad871c",
     "bf16/ce.toml": "8e2b50449723f92b",  # aid20_224v/bf16/: CE seed 0 in bfloat16, a check
     "aid50_224v/base.toml": "fa79e6a8ab564ddb",
-    "aid50_224v/casd_negatives_confusion.toml": "630566eb048f9a5a",
     "aid50_224v/ce.toml": "f5153eeb2ee75ab4",
 }
 
