@@ -27,6 +27,7 @@ from typing import Any
 from casd_core.atomic import write_text_atomic
 from casd_core.data import default_data_root
 from casd_core.errors import CasdError
+from casd_core.finetune import finetune_config, resolve_init
 from casd_core.losses import LossConfig
 from casd_core.progress import Monitor
 from casd_core.train import METRICS_LOG_NAME, RESULT_NAME, TrainConfig, train
@@ -53,7 +54,8 @@ class Row:
         if not path.is_file():
             return False
         recorded = json.loads(path.read_text()).get("fingerprint")  # absent: finished before it was recorded
-        if recorded and recorded != train_config(self, seed, runs_dir, data_root).fingerprint():
+        cfg = train_config(self, seed, runs_dir, data_root)
+        if recorded and recorded != finetune_config(cfg, resolve_init(cfg.init)).fingerprint():
             raise CasdError(f"{path.parent} was trained with other settings than {self.path} gives now (the row "
                             "or a file it extends changed since); move that folder away to train the row anew, "
                             "or restore the settings it was trained with")

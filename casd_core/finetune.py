@@ -2,7 +2,8 @@
 
 ``casd train --init MODEL`` (``--init default``: the embedded model) starts from a package's
 backbone and puts a new head on the run's classes (:func:`casd_core.models.build_model_from_package`);
-:func:`resolve_init` finds and fingerprints that package. :func:`training_scale` decides what
+:func:`resolve_init` finds and fingerprints that package, and :func:`finetune_config` says what
+such a run trains (the package's backbone, at its input size). :func:`training_scale` decides what
 ground footprint and GSD the new package records, so that ``casd predict`` tiles new rasters
 at the scale the model was trained at: the user's ``--tile-footprint``/``--gsd``, else the tile
 of the ``casd chips`` folder trained on (its ``chips.gpkg`` metadata), else the init package's
@@ -15,13 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from casd_core.errors import CasdError, param
+
+if TYPE_CHECKING:
+    from casd_core.train.config import TrainConfig
 
 DEFAULT_INIT = "default"  # ``--init default``: the embedded model
 CHIPS_INDEX = "chips.gpkg"  # what ``casd chips`` writes beside split.csv
@@ -74,22 +78,22 @@ def resolve_init(init: str | None) -> InitModel | None:
     return InitModel(path.resolve(), file_sha256(path), package)
 
 
-def finetune_backbone(init: InitModel, requested: str, default: str) -> str:
-    """The backbone a fine-tune trains: the package's own, whose weights fit no other. A
-    ``requested`` one other than it and than the ``default`` (i.e. one chosen on purpose) is
-    refused rather than silently replaced."""
+def finetune_config(cfg: TrainConfig, init: InitModel | None) -> TrainConfig:
+    """``cfg`` as a fine-tune from ``init`` trains it (unchanged without one), so that the
+    recorded config and the fingerprint say what was trained: the package's own backbone,
+    whose weights fit no other (one named on purpose, other than the default, is refused
+    rather than replaced), and the package's input size (the scale its features were trained
+    at, 260 px for a Lite2 package) while ``cfg`` asks for the default one."""
+    from casd_core.train.config import TrainConfig  # here: the trainer imports this module
+
+    if init is None:
+        return cfg
     own = init.package.backbone
-    if requested not in (own, default):
-        raise CasdError(f"the {param('init')} model {init.path.name} is a {own!r}, not a {requested!r}; "
+    if cfg.backbone not in (own, TrainConfig.backbone):
+        raise CasdError(f"the {param('init')} model {init.path.name} is a {own!r}, not a {cfg.backbone!r}; "
                         f"leave {param('backbone')} unset (or pass {own}) to fine-tune it")
-    return own
-
-
-def finetune_input_size(init: InitModel, requested: int, default: int) -> int:
-    """The image side a fine-tune trains at: the package's own (the scale its features were
-    trained at, 260 px for a Lite2 package) when ``requested`` is the ``default``, else the
-    one asked for."""
-    return init.package.input_size if requested == default else requested
+    size = init.package.input_size if cfg.input_size == TrainConfig.input_size else cfg.input_size
+    return replace(cfg, backbone=own, input_size=size)
 
 
 def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:

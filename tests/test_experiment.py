@@ -10,6 +10,7 @@ import pytest
 
 from casd_core.cli import main
 from casd_core.experiment import child_environment, load_row, train_config
+from casd_core.package import ModelPackage
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -60,6 +61,17 @@ def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tm
         assert "tiny | ce | 1/1" in (run / "train.log").read_text()
     # finished seeds are not started again
     assert main(argv) == 0
+    assert not any(line.startswith("started") for line in capsys.readouterr().out.splitlines())
+    # a fine-tune row from seed 0's 150-px package trains at 150 px, as that package did, and
+    # is finished, not "trained with other settings", when run again
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text(row.read_text().replace('name = "tiny"', 'name = "tuned"').replace("input_size = 150\n", "")
+                     .replace("seeds = [0, 1]", f'seeds = [0]\ninit = "{runs / "tiny" / "seed0" / "model.safetensors"}"'))
+    tuned_argv = ["experiment", str(tuned), *argv[2:]]
+    assert main(tuned_argv) == 0
+    assert ModelPackage.load(runs / "tuned" / "seed0" / "model.safetensors").input_size == 150
+    capsys.readouterr()
+    assert main(tuned_argv) == 0
     assert not any(line.startswith("started") for line in capsys.readouterr().out.splitlines())
     # --tta scores the finished seeds' test rows once more with the 8 views, once, into a column
     summary = ["experiment", str(row), "--runs", str(runs), "--data", str(shared_data), "--summary-only", "--tta"]

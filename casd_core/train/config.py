@@ -28,8 +28,8 @@ class TrainConfig:
     ``init`` (a model package, or ``"default"``: the embedded model) starts from that
     package's backbone with a new head, instead of ``pretrained`` weights (the run trains that
     package's backbone whatever ``backbone`` says, unless it names another on purpose, which
-    is refused: :func:`~casd_core.finetune.finetune_backbone`; and at the package's
-    ``input_size`` while this one is at its default); ``freeze_epochs``
+    is refused; and at the package's ``input_size`` while this one is at its default:
+    :func:`~casd_core.finetune.finetune_config`); ``freeze_epochs``
     keeps the backbone frozen for the first epochs. ``precision`` is the forward passes'
     arithmetic while training (:func:`~casd_core.train.step.autocast_dtype`); validation, the test split and the
     package are float32 whatever it is. ``val_seed`` draws the data rows (the

@@ -30,7 +30,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ from casd_core.calibration import fit_on_validation
 from casd_core.data import RunData, pixel_statistics
 from casd_core.errors import CasdError, param
 from casd_core.evaluate import evaluate_model, write_report
-from casd_core.finetune import (finetune_backbone, finetune_input_size, keep_batch_norm_statistics, resolve_init,
-                                set_backbone_frozen, training_scale)
+from casd_core.finetune import (finetune_config, keep_batch_norm_statistics, resolve_init, set_backbone_frozen,
+                                training_scale)
 from casd_core.losses import build_loss
 from casd_core.models import (batch_norm_lags, build_model, build_model_from_package, default_normalization,
                               package_normalization, recompute_batch_norm)
@@ -96,9 +96,7 @@ class Trainer:
         self.device = self.where.device
         prepare_cpu()  # ~1.8x faster CASD steps on CPU (benchmarks/bench_training.py)
         self.init = resolve_init(cfg.init)  # fine-tuning: the package whose backbone we start from
-        if self.init:  # the recorded config and the fingerprint then name the backbone and size trained
-            cfg = self.cfg = replace(cfg, backbone=finetune_backbone(self.init, cfg.backbone, TrainConfig.backbone),
-                                     input_size=finetune_input_size(self.init, cfg.input_size, TrainConfig.input_size))
+        cfg = self.cfg = finetune_config(cfg, self.init)  # recorded and fingerprinted as trained
         self.data = RunData(cfg, lambda bands: (package_normalization(self.init.package, bands) if self.init
                                                 else default_normalization(cfg.backbone, bands)))
         self.scale = training_scale(cfg.tile_footprint_m, cfg.gsd_m, cfg.input_size, cfg.data_root, cfg.split_csv,
