@@ -33,6 +33,7 @@ import torch
 
 from casd_core.atomic import atomic_output, write_text_atomic
 from casd_core.cli import main
+from casd_core.package import ModelPackage
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -171,7 +172,9 @@ def run_one(work: Path, chips: Path, test_map: Path, layout: list[list[str]], sp
     return {"n": n, "init": init, "method": method, "seed": seed, "accuracy": tile_accuracy(layer, layout),
             "per_class": per_class_accuracy(layer, layout), "train_accuracy_last_epoch": history[-1]["train_accuracy"],
             "train_seconds": round(train_seconds, 1), "epoch_seconds": [round(m["epoch_seconds"], 1) for m in history],
-            "predict_seconds": round(predict_seconds, 1), "epochs": epochs, "budget": BUDGET, "threads": torch.get_num_threads()}
+            "predict_seconds": round(predict_seconds, 1), "epochs": epochs, "budget": BUDGET, "threads": torch.get_num_threads(),
+            # a fine-tune trains at its start package's own size when asked for the default 224
+            "trained_input_size": ModelPackage.load(package).input_size}
 
 
 def per_class_accuracy(layer: Path, layout: list[list[str]]) -> dict[str, float]:
