@@ -141,3 +141,14 @@ def test_bad_input_is_named_by_the_dialog_labels(provider, training_map, tmp_pat
         processing.run("casd:trainfrompolygons", _params(training_map, out, **more))
     assert named in str(raised.value), str(raised.value)
     assert not list(out.rglob("*.safetensors")) and not (out / "classes.gpkg").exists()
+
+
+def test_the_dialog_defaults_to_a_fine_tune_that_fits_a_laptop(provider):
+    # QGIS trains in its own process: the AID recipe's casd at batch 32 peaks at 16.3 GiB in it,
+    # ce at batch 16 at 4.5 GiB (docs/BENCHMARKS.md), no less accurate on new classes
+    from qgis.core import QgsApplication
+
+    algorithm = QgsApplication.processingRegistry().algorithmById("casd:trainfrompolygons")
+    method = algorithm.parameterDefinition("METHOD")
+    assert method.options()[method.defaultValue()] == "ce"
+    assert algorithm.parameterDefinition("BATCH_SIZE").defaultValue() == 16
