@@ -44,8 +44,8 @@ CHIPS_DIR, RUN_DIR = "chips", "run"
 # The analyst's defaults, not the AID recipe's (casd, batch 32): they must fit a laptop, and
 # QGIS runs the training in its own process. Inside QGIS a fine-tune with the backbone training
 # peaks at 4.5 GiB with ce at batch 16 and at 16.3 GiB with casd at 32 (docs/BENCHMARKS.md,
-# "Fine-tuning from the embedded model"), and from the embedded model casd labels new classes
-# no better than ce (docs/RESULTS.md, "Fine-tuning on your own classes").
+# "Fine-tuning from the embedded model"), and from the embedded model casd labelled new classes
+# no better than ce (docs/RESULTS.md, "Fine-tuning on your own classes", backbone frozen).
 DEFAULT_METHOD, DEFAULT_BATCH_SIZE = "ce", 16
 # The core's settings whose parameter is not simply the key in upper case (for user_errors).
 PARAMETERS = {**TILING_PARAMETERS, "raster": RASTERS, "out_dir": OUTPUT_FOLDER}
