@@ -91,7 +91,7 @@ class ModelPackage:
         model = build_model(self.backbone, self.num_classes, in_channels=self.in_channels,
                             pretrained=None)
         try:
-            model.load_state_dict({k: v.float() for k, v in self.state_dict.items()})
+            model.load_state_dict(self.state_dict)  # float32: load() reads every storage as that
         except RuntimeError as exc:
             raise CasdError(
                 f"the weights in this package do not fit a {self.backbone!r} with "

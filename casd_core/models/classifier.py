@@ -88,7 +88,7 @@ def build_model_from_package(package: "ModelPackage", num_classes: int,
                         "from an RGB model (its stem is widened to any number of bands)")
     model = build_model(package.backbone, num_classes, in_channels=package.in_channels, pretrained=None)
     prefix = "backbone."
-    weights = {k[len(prefix):]: v.float() for k, v in package.state_dict.items() if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in package.state_dict.items() if k.startswith(prefix)}
     try:
         model.backbone.load_state_dict(weights)
     except RuntimeError as exc:
