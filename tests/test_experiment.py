@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -73,36 +74,59 @@ def test_experiment_runs_seeds_in_parallel_then_summarises(shared_data: Path, tm
     capsys.readouterr()
     assert main(tuned_argv) == 0
     assert not any(line.startswith("started") for line in capsys.readouterr().out.splitlines())
+    # each finished seed has its record beside the row file: metrics, history, test confusion and
+    # its labels for the validation rows
+    records = [json.loads((tmp_path / "results" / "tiny" / f"seed{seed}.json").read_text()) for seed in (0, 1)]
+    for seed, record in enumerate(records):
+        assert record["fingerprint"] == json.loads((runs / "tiny" / f"seed{seed}" / "result.json").read_text())[
+            "fingerprint"]
+        assert len(record["history"]) == 1 and sum(map(sum, record["test_confusion"])) == 90
+        labels = record["validation_labels"]
+        assert len(labels["true"]) == len(labels["predicted"]) == record["metrics"]["validation"]["num_samples"] == 30
+        replayed = sum(t == p for t, p in zip(labels["true"], labels["predicted"])) / 30
+        assert replayed == pytest.approx(record["metrics"]["validation"]["overall_accuracy"])
+    assert records[0]["validation_labels"]["carve_sha256"] != records[1]["validation_labels"]["carve_sha256"]
     # --tta scores the finished seeds' test rows once more with the 8 views, once, into a column
     summary = ["experiment", str(row), "--runs", str(runs), "--data", str(shared_data), "--summary-only", "--tta"]
     assert main(summary) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-3].startswith("| row | method | seeds done | OA % | TTA OA % |")
-    tta = [json.loads((runs / "tiny" / f"seed{seed}" / "tta.json").read_text()) for seed in (0, 1)]
+    record_paths = [tmp_path / "results" / "tiny" / f"seed{seed}.json" for seed in (0, 1)]
+    tta = [json.loads(path.read_text())["tta"] for path in record_paths]
     assert [scores["num_samples"] for scores in tta] == [90, 90]  # 3 test images of each of the 30 classes
     assert f"tiny seed 0: test OA with TTA {100 * tta[0]['overall_accuracy']:.2f} %" in out
     accuracies = [100 * scores["overall_accuracy"] for scores in tta]
     assert out[-1].split(" | ")[4] == f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"
-    scored = (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns
+    scored = record_paths[0].stat().st_mtime_ns
     assert main(summary) == 0  # kept, not computed again
-    assert (runs / "tiny" / "seed0" / "tta.json").stat().st_mtime_ns == scored
-    # a score of another package (the seed was retrained) is computed again
-    stale = runs / "tiny" / "seed0" / "tta.json"
-    stale.write_text(json.dumps({**tta[0], "package_overall_accuracy": -1.0}))
+    assert record_paths[0].stat().st_mtime_ns == scored
+    # a seed trained again since: its record is rewritten from the run, and TTA scored anew
+    result_path = runs / "tiny" / "seed0" / "result.json"
+    result = json.loads(result_path.read_text())
+    result["metrics"]["validation"]["best_epoch"] = 0
+    result_path.write_text(json.dumps(result))
     assert main(summary) == 0
-    assert json.loads(stale.read_text()) == tta[0]
+    rewritten = json.loads(record_paths[0].read_text())
+    assert rewritten["metrics"]["validation"]["best_epoch"] == 0 and rewritten["tta"] == tta[0]
     # a seed without its package: a one-line warning, and the others and the table still come
     (runs / "tiny" / "seed1" / "model.safetensors").unlink()
-    (runs / "tiny" / "seed1" / "tta.json").unlink()
+    record = json.loads(record_paths[1].read_text())
+    del record["tta"]
+    record_paths[1].write_text(json.dumps(record))
     capsys.readouterr()
     assert main(summary) == 0
     captured = capsys.readouterr()
     assert captured.err.strip().startswith("casd experiment: warning: tiny seed 1 has no package")
     assert len(captured.err.strip().splitlines()) == 1
     assert captured.out.splitlines()[-1].split(" | ")[4] == f"{accuracies[0]:.2f} (1/2 seeds)"
+    # the run folders gone (a new machine): the records still make the table, and nothing retrains
+    shutil.rmtree(runs)
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("started") for line in out) and out[-1].startswith("| tiny | ce | 2/2 | ")
     # the row edited after its seeds finished: they are not its seeds any more, and it says so
     row.write_text(row.read_text().replace("epochs = 1", "epochs = 2"))
     assert main(summary) == 2
     error = capsys.readouterr().err.strip()
-    assert f"{runs / 'tiny' / 'seed0'} was trained with other settings than {row} gives now" in error
+    assert f"{record_paths[0]} records a run trained with other settings than {row} gives now" in error
     assert len(error.splitlines()) == 1

@@ -267,7 +267,10 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "experiment", _run_experiment, "run table rows of a study (config files) over their seeds, then summarise",
         "Train every seed of each row file (TOML, see experiments/) into RUNS/<row>/seed<k>/, "
         "resuming interrupted runs and skipping finished ones, then print a Markdown table of "
-        "test OA and kappa (mean ± std over seeds), training time and images/s.")
+        "test OA and kappa (mean ± std over seeds), training time and images/s. Each finished seed "
+        "leaves a record beside its row file (results/<row>/seed<k>.json: metrics, history, its "
+        "labels for the validation rows, TTA score); the table is made from the records, so it "
+        "outlives RUNS.")
     p.add_argument("rows", type=Path, nargs="+", help="row files, e.g. experiments/aid20/casd.toml")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="where the runs live")
     p.add_argument("--data", dest="data_root", type=Path,
@@ -282,4 +285,4 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train nothing: only print the table of what is finished (with --tta, score that first)")
     p.add_argument("--tta", action="store_true",
                    help="also score each finished seed's test rows with test-time augmentation (8 views: 8x an "
-                        "evaluation; once per seed, kept in its tta.json) for a TTA column")
+                        "evaluation; once per seed, kept in its record) for a TTA column")
