@@ -4,10 +4,11 @@
 
 Selection never looks at the test rows: the row with the highest mean validation OA over its
 finished seeds wins, and of its seeds the one with the highest validation OA (the epoch the
-package kept). Every finished package is also run over its carve, to measure the paired noise
-the carve leaves: for two rows, d is the share of carve images on which their same-seed models
-disagree (mean over the seeds both finished), and √(d / n) the std of one pair's OA difference
-(docs/RESULTS.md, "Fixed validation carve (issue 14)"). Prints Markdown tables.
+package kept). The seeds' records (``results/`` beside the rows) hold their labels for the
+carve, which measure the paired noise the carve leaves: for two rows, d is the share of carve
+images on which their same-seed models disagree (mean over the seeds both have labels for),
+and √(d / n) the std of one pair's OA difference (docs/RESULTS.md, "Fixed validation carve
+(issue 14)"). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -20,22 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from casd_core.calibration import replayed_rows
 from casd_core.data import default_data_root
-from casd_core.evaluate import evaluation_model, package_dataset, predict_outputs
-from casd_core.experiment import Row, load_row, seed_summary, train_config
-from casd_core.package import ModelPackage
-
-
-def carve_predictions(row: Row, seed: int, runs: Path, data_root: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The carve's image paths, labels and this seed's predicted labels on them."""
-    cfg = train_config(row, seed, runs, data_root)
-    package_path = cfg.out_dir / cfg.package_name
-    package = ModelPackage.load(package_path)
-    rows = replayed_rows(package, package_path, cfg.data_root, cfg.split_csv)
-    model, device = evaluation_model(package, package_path)
-    out = predict_outputs(model, package_dataset(package, rows.val), device)
-    return [str(s.path) for s in rows.val], out.labels, out.predicted
+from casd_core.experiment import load_row, seed_record
 
 
 def main() -> None:
@@ -46,9 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     data_root = args.data_root or default_data_root()
     rows = [load_row(path) for path in args.rows]
-    finished = {row.name: [s for s in row.seeds if row.finished(args.runs, s, data_root)] for row in rows}
-    val_oa = {row.name: {s: seed_summary(row.run_dir(args.runs, s))["val_accuracy"] for s in finished[row.name]}
-              for row in rows}
+    records = {row.name: {s: seed_record(row, s, args.runs, data_root) for s in row.seeds
+                          if row.finished(args.runs, s, data_root)} for row in rows}
+    val_oa = {name: {s: r["metrics"]["validation"]["overall_accuracy"] for s, r in done.items()}
+              for name, done in records.items()}
 
     print("| row | seeds done | val OA % per seed | mean val OA % |\n|---|---|---|---|")
     for row in rows:
@@ -66,24 +54,27 @@ def main() -> None:
           f"seed {best_seed}: {best.run_dir(args.runs, best_seed)}")
 
     predictions: dict[tuple[str, int], np.ndarray] = {}
-    carve: list[str] | None = None
+    carves = set()
     for row in ranked:
-        for seed in finished[row.name]:
-            paths, labels, predicted = carve_predictions(row, seed, args.runs, data_root)
-            if carve is not None and paths != carve:
-                raise SystemExit(f"{row.name} seed {seed} was validated on another carve: compare rows of one study")
-            carve = paths
+        for seed, record in records[row.name].items():
+            labels = record.get("validation_labels")
+            if labels is None:  # a record kept from before labels were recorded
+                continue
+            carves.add(labels["carve_sha256"])
+            predicted, true = np.array(labels["predicted"]), np.array(labels["true"])
             predictions[row.name, seed] = predicted
-            replayed = float((predicted == labels).mean())
-            if abs(replayed - val_oa[row.name][seed]) > 0.5 / len(labels):  # the carve or the weights differ
+            replayed = float((predicted == true).mean())
+            if abs(replayed - val_oa[row.name][seed]) > 0.5 / len(true):  # the carve or the weights differ
                 print(f"warning: {row.name} seed {seed} scores {100 * replayed:.2f} % on the replayed carve, "
                       f"its training recorded {100 * val_oa[row.name][seed]:.2f} %")
-    n = len(carve or [])
+    if len(carves) > 1:
+        raise SystemExit("these rows were validated on different carves: compare rows of one study")
+    n = len(next(iter(predictions.values()), []))
     print(f"\npaired noise on the carve ({n} images): d = share of images two rows' same-seed models "
           "label differently, std = √(d/n)\n")
     print("| row A | row B | seeds | d % | paired std (points) | mean val OA A − B (points) |\n|---|---|---|---|---|---|")
     for a, b in itertools.combinations(ranked, 2):
-        common = sorted(set(finished[a.name]) & set(finished[b.name]))
+        common = sorted(s for s in val_oa[a.name] if (a.name, s) in predictions and (b.name, s) in predictions)
         if not common:
             continue
         d = statistics.fmean(float((predictions[a.name, s] != predictions[b.name, s]).mean()) for s in common)
