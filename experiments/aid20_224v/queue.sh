@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Issue 14's runs on a CPU machine, in the order that informs the decision soonest: seed 1 of
 # every Lite0 row and of Lite2 CE, then seed 2 (seed 0 of these rows is recorded already, in
-# experiments/aid20_224v/results/); then the rows that take "the best
-# CASD variant", which the rule picks from the three seeds (docs/RESULTS.md, "Fixed validation
-# carve"): Lite2 CASD (~18.5 GB peak: run nothing heavy beside it) and split_50. Finished
-# seeds are skipped and an interrupted one resumes from its last epoch, so start it again in
-# every session (it runs only while one does):
+# results/ beside the rows); then the rows that take "the best CASD variant", which the rule
+# picks from the three seeds (docs/RESULTS.md, "Fixed validation carve"): Lite2 CASD (~18.5 GB
+# peak: run nothing heavy beside it) and split_50. Finished seeds are skipped and an
+# interrupted one resumes from its last epoch, so start it again in every session (it runs
+# only while one does):
 #   setsid nohup nice -n 19 bash experiments/aid20_224v/queue.sh >> runs/queue_224v.log 2>&1 &
-# Each seed gets its TTA score (the table's TTA column, ~6 min a seed at 224 px) as soon as it is
-# trained, while its package is surely still in runs/. The body is one function, read whole before it runs, so editing this
-# file while the queue runs cannot change what the running queue does next.
+# Each seed is scored with TTA (the table's TTA column, ~6 min a seed at 224 px) as soon as it
+# is trained, while its package is surely still in runs/: a seed's record (results/) keeps its
+# numbers, not its weights. The body is one function, read whole before it runs, so editing
+# this file while the queue runs cannot change what the running queue does next.
 set -euo pipefail
 main() {
     # setsid puts the queue in an autogroup of its own, and the kernel shares the CPU between
