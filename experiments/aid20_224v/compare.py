@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from casd_core.data import default_data_root
-from casd_core.experiment import load_row, seed_record
+from casd_core.experiment import load_row, seed_record, train_config
 
 
 def main() -> None:
@@ -50,8 +50,13 @@ def main() -> None:
         return
     best = max(ranked, key=lambda row: statistics.fmean(val_oa[row.name].values()))
     best_seed = max(val_oa[best.name], key=val_oa[best.name].get)
+    cfg = train_config(best, best_seed, args.runs, data_root)
+    package = cfg.out_dir / cfg.package_name
     print(f"\nselected: {best.name} (mean val OA {100 * statistics.fmean(val_oa[best.name].values()):.2f} %), "
-          f"seed {best_seed}: {best.run_dir(args.runs, best_seed)}")
+          f"seed {best_seed}: {package}")
+    if not package.is_file():  # docs/RESULTS.md: a lost selected seed is trained again, then the rule reapplied
+        print(f"its package is not here: delete its record {best.record_path(best_seed)} (git keeps it), train "
+              f"it again (casd experiment {best.path} --seeds {best_seed} --runs {args.runs}), then run this again")
 
     predictions: dict[tuple[str, int], np.ndarray] = {}
     carves = set()
