@@ -313,7 +313,7 @@ def seed_summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if len(values) < 2:
         return f"{100 * values[0]:.2f}" if values else "—"
